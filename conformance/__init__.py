@@ -1,0 +1,1 @@
+"""Conformance suite for the Docker client session protocol."""

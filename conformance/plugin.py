@@ -1,0 +1,1 @@
+"""pytest plugin entry point: options for pointing the suite at an implementation."""
