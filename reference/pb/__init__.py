@@ -1,0 +1,1 @@
+"""Protobuf message modules generated from proto/*.proto by `tox -e proto`; do not edit them by hand."""

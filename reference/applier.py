@@ -1,0 +1,315 @@
+"""Applies the receiver's actions to a directory, safely.
+
+Every operation goes through directory file descriptors opened with
+``O_NOFOLLOW`` from the root down, so nothing the tree contains (a symlink to
+``/etc``, say) can redirect a write outside the root.  New file contents are
+written to a staging directory beside the root and renamed into place only
+when complete: a sync that stops half way leaves each file either old or new,
+never truncated, and :meth:`TreeApplier.finish` is the only way to say the tree
+is complete.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat as _st
+import uuid
+from typing import Iterable, Mapping
+
+from . import filemode
+from .diffcopy import DeleteEntry, FileData, FileDone, ListingDone, PutEntry, ReceiverAction
+from .errors import SessionError
+from .pb.fsutil_types_pb2 import Stat
+
+
+class ApplyError(SessionError):
+    pass
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class TreeApplier:
+    """Writes a received tree under ``root``.
+
+    ``chown``: ``True`` applies uid/gid (and fails if not permitted), ``None``
+    applies them where permitted, ``False`` never.  ``staging`` is a directory
+    on the same filesystem for files in transit (default: a hidden sibling of
+    ``root``).
+    """
+
+    def __init__(self, root: str, *, chown: bool | None = None, staging: str | None = None, xattrs: bool = True):
+        self.root = os.path.abspath(root)
+        os.makedirs(self.root, exist_ok=True)
+        self._root_fd = os.open(self.root, _DIR_FLAGS)
+        self._chown = chown
+        self._xattrs = xattrs
+        parent, name = os.path.split(self.root)
+        self._staging_path = staging or os.path.join(parent, f".{name}.incoming-{uuid.uuid4().hex[:12]}")
+        self._staging_fd: int | None = None
+        self._dir_fds: dict[str, int] = {}
+        self._open_files: dict[int, tuple[int, str, str, Stat]] = {}  # id -> (fd, tmp name, path, stat)
+        self._waiting_links: dict[str, list[tuple[str, Stat]]] = {}  # target -> [(link path, stat)]
+        self._dir_metadata: list[tuple[str, Stat]] = []
+        self._touched_dirs: set[str] = set()  # directories whose entries we changed
+        self.files_written = 0
+        self.bytes_written = 0
+        self._closed = False
+
+    # -- public -------------------------------------------------------------
+    def apply(self, action: ReceiverAction) -> None:
+        if isinstance(action, FileData):
+            self._write(action.file_id, action.chunk)
+        elif isinstance(action, PutEntry):
+            self._put(action)
+        elif isinstance(action, FileDone):
+            self._complete(action.file_id)
+        elif isinstance(action, DeleteEntry):
+            self._remove(action.path)
+        elif isinstance(action, ListingDone):
+            pass
+        else:
+            raise ApplyError(f"not an action for the applier: {action!r}")
+
+    def apply_all(self, actions: Iterable[ReceiverAction]) -> None:
+        for action in actions:
+            self.apply(action)
+
+    def finish(self, directories: Mapping[str, Stat] = {}) -> None:
+        """Set directory metadata (children changed their mtimes) and close.
+
+        ``directories`` (the receiver's incoming directory Stats) lets us put
+        back the mtime of an unchanged directory whose entries we replaced.
+        """
+        if self._open_files:
+            raise ApplyError(f"{len(self._open_files)} files still incomplete")
+        if self._waiting_links:
+            missing = ", ".join(sorted(self._waiting_links))
+            raise ApplyError(f"hardlinks to files that never arrived: {missing}")
+        scheduled = {path for path, _ in self._dir_metadata}
+        for path in self._touched_dirs - scheduled:
+            stat = directories.get(path)
+            if stat is not None:
+                self._dir_metadata.append((path, stat))
+        self._dir_metadata.sort(key=lambda item: item[0].count("/"))
+        for path, stat in reversed(self._dir_metadata):
+            parent_fd, name = self._parent(path)
+            self._set_metadata(parent_fd, name, stat, is_dir=True)
+        self._dir_metadata.clear()
+        self.close()
+
+    def abort(self) -> None:
+        """Drop files in transit; what was complete stays, the rest stays old."""
+        self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for fd, *_ in self._open_files.values():
+            os.close(fd)
+        self._open_files.clear()
+        for fd in self._dir_fds.values():
+            os.close(fd)
+        self._dir_fds.clear()
+        if self._staging_fd is not None:
+            os.close(self._staging_fd)
+            self._staging_fd = None
+            shutil.rmtree(self._staging_path, ignore_errors=True)
+        os.close(self._root_fd)
+
+    def __enter__(self) -> "TreeApplier":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finish()
+        else:
+            self.abort()
+
+    # -- directories --------------------------------------------------------
+    def _dir(self, path: str) -> int:
+        """fd of directory ``path`` (relative; "" is the root), never via a symlink."""
+        if path == "":
+            return self._root_fd
+        fd = self._dir_fds.get(path)
+        if fd is not None:
+            return fd
+        slash = path.rfind("/")
+        parent_fd = self._dir(path[:slash] if slash >= 0 else "")
+        try:
+            fd = os.open(path[slash + 1 :], _DIR_FLAGS, dir_fd=parent_fd)
+        except OSError as exc:
+            raise ApplyError(f"parent directory {path!r} is missing or not a directory ({exc.strerror})") from None
+        if len(self._dir_fds) > 256:
+            self._forget_dirs("")
+        self._dir_fds[path] = fd
+        return fd
+
+    def _forget_dirs(self, prefix: str) -> None:
+        """Close cached fds of ``prefix`` and everything below it ("" = all)."""
+        below = prefix + "/"
+        for path in [p for p in self._dir_fds if not prefix or p == prefix or p.startswith(below)]:
+            os.close(self._dir_fds.pop(path))
+
+    def _parent(self, path: str) -> tuple[int, str]:
+        slash = path.rfind("/")
+        if slash < 0:
+            return self._root_fd, path
+        return self._dir(path[:slash]), path[slash + 1 :]
+
+    def _touch_parent(self, path: str) -> None:
+        slash = path.rfind("/")
+        if slash > 0:
+            self._touched_dirs.add(path[:slash])
+
+    def _staging(self) -> int:
+        if self._staging_fd is None:
+            os.makedirs(self._staging_path, mode=0o700, exist_ok=True)
+            self._staging_fd = os.open(self._staging_path, _DIR_FLAGS)
+        return self._staging_fd
+
+    # -- entries ------------------------------------------------------------
+    def _existing(self, parent_fd: int, name: str) -> os.stat_result | None:
+        try:
+            return os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    def _remove(self, path: str) -> None:
+        parent_fd, name = self._parent(path)
+        st = self._existing(parent_fd, name)
+        if st is None:
+            return
+        if _st.S_ISDIR(st.st_mode):
+            self._forget_dirs(path)
+            self._dir_metadata = [(p, s) for p, s in self._dir_metadata if p != path and not p.startswith(path + "/")]
+            shutil.rmtree(name, dir_fd=parent_fd)
+        else:
+            os.unlink(name, dir_fd=parent_fd)
+        self._touch_parent(path)
+
+    def _put(self, action: PutEntry) -> None:
+        path, stat = action.path, action.stat
+        mode = stat.mode
+        parent_fd, name = self._parent(path)
+        if filemode.is_dir(mode):
+            st = self._existing(parent_fd, name)
+            if st is None or not _st.S_ISDIR(st.st_mode):
+                if st is not None:
+                    os.unlink(name, dir_fd=parent_fd)
+                os.mkdir(name, 0o700, dir_fd=parent_fd)
+                self._touch_parent(path)
+            self._dir_metadata.append((path, stat))
+            return
+        if action.file_id is not None:
+            tmp = self._tmp_name()
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=self._staging())
+            self._open_files[action.file_id] = (fd, tmp, path, stat)
+            return
+        tmp = self._tmp_name()
+        staging = self._staging()
+        if filemode.is_symlink(mode):
+            os.symlink(stat.linkname, tmp, dir_fd=staging)
+        elif stat.linkname:  # hardlink: never requested, linked to its first name
+            if self._link_waits_for(stat.linkname):
+                self._waiting_links.setdefault(stat.linkname, []).append((path, stat))
+                return
+            self._link(path, stat)
+            return
+        elif filemode.is_fifo(mode) or filemode.is_device(mode):
+            rdev = filemode.rdev_from_numbers(stat.devmajor, stat.devminor) if filemode.is_device(mode) else 0
+            try:
+                os.mknod(tmp, filemode.st_mode_from_go_mode(mode) & ~0o7000 | 0o600, rdev, dir_fd=staging)
+            except PermissionError:
+                raise ApplyError(f"not permitted to create device {path!r}") from None
+        else:  # a regular file nobody asked data for cannot happen; sockets arrive as regular files
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=staging))
+        self._set_metadata(staging, tmp, stat, is_dir=False)
+        self._move_into_place(tmp, parent_fd, name, path)
+
+    def _link_waits_for(self, target: str) -> bool:
+        return any(p == target for _, _, p, _ in self._open_files.values())
+
+    def _link(self, path: str, stat: Stat) -> None:
+        target_parent, target_name = self._parent(stat.linkname)
+        tmp = self._tmp_name()
+        try:
+            os.link(target_name, tmp, src_dir_fd=target_parent, dst_dir_fd=self._staging(), follow_symlinks=False)
+        except FileNotFoundError:
+            raise ApplyError(f"hardlink {path!r} to missing file {stat.linkname!r}") from None
+        parent_fd, name = self._parent(path)
+        self._move_into_place(tmp, parent_fd, name, path)
+
+    def _write(self, file_id: int, chunk: bytes) -> None:
+        fd = self._open_files[file_id][0]
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view) :]
+        self.bytes_written += len(chunk)
+
+    def _complete(self, file_id: int) -> None:
+        fd, tmp, path, stat = self._open_files.pop(file_id)
+        try:
+            self._set_metadata_fd(fd, stat)
+        finally:
+            os.close(fd)
+        staging = self._staging()
+        os.utime(tmp, ns=(stat.modTime, stat.modTime), dir_fd=staging, follow_symlinks=False)
+        parent_fd, name = self._parent(path)
+        self._move_into_place(tmp, parent_fd, name, path)
+        self.files_written += 1
+        for link_path, link_stat in self._waiting_links.pop(path, ()):
+            self._link(link_path, link_stat)
+
+    def _move_into_place(self, tmp: str, parent_fd: int, name: str, path: str) -> None:
+        st = self._existing(parent_fd, name)
+        if st is not None and _st.S_ISDIR(st.st_mode):
+            self._remove(path)
+        os.rename(tmp, name, src_dir_fd=self._staging(), dst_dir_fd=parent_fd)
+        self._touch_parent(path)
+
+    def _tmp_name(self) -> str:
+        return uuid.uuid4().hex
+
+    # -- metadata -------------------------------------------------------------
+    def _owner_ok(self, exc: OSError) -> None:
+        if self._chown is True or exc.errno not in (errno.EPERM, errno.EINVAL):
+            raise exc
+
+    def _set_metadata_fd(self, fd: int, stat: Stat) -> None:
+        if self._chown is not False:
+            try:
+                os.fchown(fd, stat.uid, stat.gid)
+            except OSError as exc:
+                self._owner_ok(exc)
+        os.fchmod(fd, filemode.permission_bits(stat.mode))
+        if self._xattrs:
+            for key, value in stat.xattrs.items():
+                try:
+                    os.setxattr(fd, key, value)
+                except OSError:
+                    pass  # like fsutil: xattrs are best effort
+
+    def _set_metadata(self, parent_fd: int, name: str, stat: Stat, *, is_dir: bool) -> None:
+        symlink = filemode.is_symlink(stat.mode)
+        if self._chown is not False:
+            try:
+                os.chown(name, stat.uid, stat.gid, dir_fd=parent_fd, follow_symlinks=False)
+            except OSError as exc:
+                self._owner_ok(exc)
+        if not symlink:  # Linux has no lchmod; a symlink's own mode is fixed
+            os.chmod(name, filemode.permission_bits(stat.mode), dir_fd=parent_fd)
+            if self._xattrs and stat.xattrs:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_DIRECTORY if is_dir else 0), dir_fd=parent_fd)
+                try:
+                    for key, value in stat.xattrs.items():
+                        try:
+                            os.setxattr(fd, key, value)
+                        except OSError:
+                            pass
+                finally:
+                    os.close(fd)
+        os.utime(name, ns=(stat.modTime, stat.modTime), dir_fd=parent_fd, follow_symlinks=False)
