@@ -1,0 +1,5 @@
+"""Reference build client: ``build()`` runs a BuildKit build over a client session."""
+
+from .build import BuildError, BuildResult, Output, build
+
+__all__ = ["build", "BuildError", "BuildResult", "Output"]

@@ -1,0 +1,273 @@
+"""Run a BuildKit build on an Engine API daemon through a client session.
+
+``build()`` is the one-call library API; ``python -m reference.client build``
+wraps it.  The session serves the context and Dockerfile (DiffCopy or
+TarStream), receives exports (FileSend), secrets and registry auth.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import queue
+import secrets as _secrets
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, TextIO
+from urllib.parse import urlencode
+
+from ..dockerhost import EngineError, HttpConnection, connect, error_message
+from ..errors import SessionError
+from ..pb.control_pb2 import StatusResponse
+from ..session import SessionRequest, new_session_id, open_session, shared_key_for
+from ..transport.base import ServerConnection
+from .auth import AuthProvider
+from .services import ClientServices, StreamStats, SyncedDir, local_export_handler, tar_export_handler
+
+GENERATIONS = {
+    # generation: (file sync protocols, token authority)
+    "n": (("tarstream",), False),
+    "n+1": (("diffcopy", "tarstream"), True),
+}
+
+
+class BuildError(SessionError):
+    """The daemon reported the build as failed (or it hung past our timeout)."""
+
+
+@dataclass
+class Output:
+    type: str  # local | tar
+    dest: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Output":
+        fields = dict(part.split("=", 1) for part in text.split(",") if "=" in part)
+        if "type" not in fields and "dest" not in fields:
+            fields = {"type": "local", "dest": text}
+        kind = fields.get("type", "local")
+        if kind not in ("local", "tar"):
+            raise ValueError(f"unsupported output type {kind!r} (local or tar)")
+        if "dest" not in fields:
+            raise ValueError("an output needs dest=")
+        return cls(kind, fields["dest"])
+
+
+@dataclass
+class BuildResult:
+    image_id: str | None
+    streams: list[StreamStats]
+    calls: list[str]
+    session_id: str
+    methods: list[str]
+    vertex_errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def stats_json(self) -> dict:
+        from .services import stats_as_dicts
+
+        return {"image_id": self.image_id, "session_id": self.session_id, "seconds": self.seconds,
+                "methods": self.methods, "calls": self.calls, "streams": stats_as_dicts(self.streams)}
+
+
+def _serve(transport: str):
+    if transport == "h2":
+        from ..transport import h2grpc
+
+        return h2grpc.serve_h2
+    if transport == "grpcio":
+        from ..transport import grpcio_pump
+
+        return grpcio_pump.serve_grpcio
+    raise ValueError(f"unknown transport {transport!r} (h2 or grpcio)")
+
+
+def build(
+    context: str,
+    *,
+    tags: list[str] = (),
+    dockerfile: str | None = None,
+    outputs: list[Output] = (),
+    secrets: dict[str, str] | None = None,
+    build_args: dict[str, str] | None = None,
+    labels: dict[str, str] | None = None,
+    target: str | None = None,
+    network: str | None = None,
+    no_cache: bool = False,
+    pull: bool = False,
+    generation: str = "n+1",
+    filesync: tuple[str, ...] | None = None,
+    auth: str | None = None,
+    transport: str = "h2",
+    host: str | None = None,
+    progress: Callable[[StatusResponse], None] | None = None,
+    timeout: float | None = None,
+    hang_timeout: float = 20.0,
+    extra_query: dict[str, str] | None = None,
+) -> BuildResult:
+    """Build ``context`` on the daemon at ``host`` (default ``DOCKER_HOST``)."""
+    started = time.monotonic()
+    default_sync, default_authority = GENERATIONS[generation]
+    filesync = tuple(filesync) if filesync else default_sync
+    token_authority = default_authority if auth is None else auth == "v2"
+    if len(outputs) > 1:
+        raise ValueError("at most one output is supported")
+    context_dir = os.path.abspath(context)
+    if not os.path.isdir(context_dir):
+        raise SessionError(f"context {context!r} is not a directory")
+    dockerfile_path = os.path.abspath(dockerfile) if dockerfile else os.path.join(context_dir, "Dockerfile")
+    dirs = {
+        "context": SyncedDir(context_dir, owner=(0, 0)),
+        "dockerfile": SyncedDir(os.path.dirname(dockerfile_path)),
+    }
+    services = ClientServices(dirs, filesync=filesync, secrets=secrets,
+                              auth=AuthProvider(token_authority=token_authority))
+    output_attrs = []
+    for out in outputs:
+        make = local_export_handler if out.type == "local" else tar_export_handler
+        services.export = make(out.dest, services._record)
+        output_attrs.append({"Type": out.type, "Attrs": {}})
+    handlers = services.handlers()
+    request = SessionRequest(new_session_id(), os.path.basename(context_dir) or context,
+                             shared_key_for(context), sorted(handlers))
+    sock, leftover = open_session(request, host)
+    server: ServerConnection = _serve(transport)(sock, handlers, leftover)
+    try:
+        query = {
+            "version": "2",
+            "session": request.session_id,
+            "remote": "client-session",
+            "dockerfile": os.path.basename(dockerfile_path),
+            "buildid": _secrets.token_hex(16),
+            "rm": "1",
+        }
+        if tags:
+            query["t"] = list(tags)
+        if output_attrs:
+            query["outputs"] = json.dumps(output_attrs)
+        if build_args:
+            query["buildargs"] = json.dumps(build_args)
+        if labels:
+            query["labels"] = json.dumps(labels)
+        if target:
+            query["target"] = target
+        if network:
+            query["networkmode"] = network
+        if no_cache:
+            query["nocache"] = "1"
+        if pull:
+            query["pull"] = "1"
+        query.update(extra_query or {})
+        image_id, vertex_errors = _run_build(query, host, progress, timeout, hang_timeout)
+    finally:
+        server.close()
+        sock.close()
+    return BuildResult(image_id, services.streams, services.calls, request.session_id, request.methods,
+                       vertex_errors, time.monotonic() - started)
+
+
+def _run_build(query, host, progress, timeout, hang_timeout) -> tuple[str | None, list[str]]:
+    """POST /build and follow its JSON stream on a reader thread, so that a
+    daemon that reports a vertex error and then never ends the response (a
+    known dockerd 20.10 hang) is cut off after ``hang_timeout``."""
+    sock = connect(host, timeout=None)
+    events: queue.Queue = queue.Queue()
+
+    def reader() -> None:
+        try:
+            http = HttpConnection(sock)
+            resp = http.request("POST", "/build?" + urlencode(query, doseq=True))
+            if resp.status != 200:
+                events.put(EngineError(resp.status, error_message(http.read_body())))
+                return
+            for obj in http.json_stream():
+                events.put(obj)
+            events.put(None)
+        except BaseException as exc:  # delivered to the caller
+            events.put(exc)
+
+    thread = threading.Thread(target=reader, name="build-response", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout if timeout else None
+    image_id = None
+    vertex_errors: list[str] = []
+    error_seen_at: float | None = None
+    try:
+        while True:
+            wait = 1.0
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    raise BuildError(f"the build did not finish within {timeout:.0f} s")
+            if error_seen_at is not None and time.monotonic() - error_seen_at > hang_timeout:
+                raise BuildError("the daemon reported an error but did not end the build: " + "; ".join(vertex_errors))
+            try:
+                item = events.get(timeout=max(wait, 0.01))
+            except queue.Empty:
+                continue
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            if "errorDetail" in item or "error" in item:
+                detail = item.get("errorDetail", {}).get("message") or item.get("error")
+                raise BuildError(detail)
+            aux_id = item.get("id")
+            aux = item.get("aux")
+            if aux_id == "moby.buildkit.trace" and aux is not None:
+                status = StatusResponse.FromString(base64.b64decode(aux))
+                for vertex in status.vertexes:
+                    if vertex.error and vertex.error not in vertex_errors:
+                        vertex_errors.append(vertex.error)
+                        error_seen_at = error_seen_at or time.monotonic()
+                if progress is not None:
+                    progress(status)
+            elif aux_id == "moby.image.id" and aux is not None:
+                image_id = aux.get("ID")
+    finally:
+        try:
+            sock.shutdown(2)
+        except OSError:
+            pass
+        sock.close()
+    return image_id, vertex_errors
+
+
+class PlainProgress:
+    """``--progress plain``: one line per vertex event, like the docker CLI's plain mode."""
+
+    def __init__(self, out: TextIO = sys.stderr):
+        self.out = out
+        self.numbers: dict[str, int] = {}
+        self.started: dict[str, float] = {}
+        self.done: set[str] = set()
+
+    def _n(self, digest: str) -> int:
+        return self.numbers.setdefault(digest, len(self.numbers) + 1)
+
+    def __call__(self, status: StatusResponse) -> None:
+        for v in status.vertexes:
+            n = self._n(v.digest)
+            if v.HasField("started") and v.digest not in self.started:
+                self.started[v.digest] = v.started.ToNanoseconds() / 1e9
+                self.out.write(f"#{n} {v.name}\n")
+            if v.cached and v.digest not in self.done:
+                self.done.add(v.digest)
+                self.out.write(f"#{n} CACHED\n")
+            elif v.error and v.digest not in self.done:
+                self.done.add(v.digest)
+                self.out.write(f"#{n} ERROR: {v.error}\n")
+            elif v.HasField("completed") and v.digest not in self.done:
+                self.done.add(v.digest)
+                took = v.completed.ToNanoseconds() / 1e9 - self.started.get(v.digest, v.completed.ToNanoseconds() / 1e9)
+                self.out.write(f"#{n} DONE {took:.1f}s\n")
+        for s in status.statuses:
+            if s.total:
+                self.out.write(f"#{self._n(s.vertex)} {s.ID} {s.current}/{s.total}\n")
+        for log in status.logs:
+            for line in log.msg.decode("utf-8", "replace").splitlines():
+                self.out.write(f"#{self._n(log.vertex)} {line}\n")
+        self.out.flush()

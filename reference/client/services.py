@@ -1,0 +1,371 @@
+"""The gRPC services a build client serves to the daemon over its session.
+
+Every handler takes one ``RpcStream`` (see ``reference.transport``) and works
+on either transport.  File sync and export drive the sans-IO machines from
+``reference.diffcopy`` and ``reference.tarstream``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from grpc_health.v1 import health_pb2
+
+from .. import diffcopy as dc
+from ..applier import TreeApplier
+from ..errors import PeerError, ProtocolError, SessionError
+from ..pb import auth_pb2, filesync_pb2, secrets_pb2
+from ..pb.fsutil_types_pb2 import Packet, Stat
+from ..tarstream import tar_messages
+from ..transport.base import RpcError, RpcStream, StatusCode
+from ..walker import WalkError, read_chunks, walk
+
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
+FILESYNC_DIFFCOPY = "/moby.filesync.v1.FileSync/DiffCopy"
+FILESYNC_TARSTREAM = "/moby.filesync.v1.FileSync/TarStream"
+FILESEND_DIFFCOPY = "/moby.filesync.v1.FileSend/DiffCopy"
+SECRETS_GET = "/moby.buildkit.secrets.v1.Secrets/GetSecret"
+AUTH_CREDENTIALS = "/moby.filesync.v1.Auth/Credentials"
+AUTH_FETCH_TOKEN = "/moby.filesync.v1.Auth/FetchToken"
+AUTH_GET_TOKEN_AUTHORITY = "/moby.filesync.v1.Auth/GetTokenAuthority"
+AUTH_VERIFY_TOKEN_AUTHORITY = "/moby.filesync.v1.Auth/VerifyTokenAuthority"
+
+#: Secrets larger than this are refused, as the docker CLI's provider does.
+MAX_SECRET_SIZE = 500 * 1024
+
+
+@dataclass
+class StreamStats:
+    """What one file-sync or export stream did (``--stats-json``)."""
+
+    method: str
+    dir_name: str = ""
+    protocol: str = ""
+    stats_sent: int = 0
+    reqs_received: int = 0
+    files_sent: int = 0
+    bytes_sent: int = 0
+    files_received: int = 0
+    bytes_received: int = 0
+    seconds: float = 0.0
+    requested: list[str] = field(default_factory=list)
+    error: str = ""
+
+
+@dataclass
+class SyncedDir:
+    """A directory the daemon may read by ``dir-name``."""
+
+    path: str
+    owner: tuple[int, int] | None = None  # the context is sent as 0/0, like the docker CLI
+    excludes: list[str] = field(default_factory=list)  # the provider's own (2017 clients)
+
+
+def _metadata_values(stream: RpcStream, key: str) -> list[str]:
+    return [v for k, v in stream.metadata if k == key]
+
+
+class ClientServices:
+    """Builds the handler table for one session and records what happened."""
+
+    def __init__(
+        self,
+        dirs: dict[str, SyncedDir],
+        *,
+        filesync: tuple[str, ...] = ("diffcopy", "tarstream"),
+        export: Callable[[RpcStream], None] | None = None,
+        secrets: dict[str, str] | None = None,
+        auth: "AuthProvider | None" = None,
+        chunk_size: int = dc.GO_CHUNK_SIZE,
+    ) -> None:
+        self.dirs = dirs
+        self.filesync = filesync
+        self.export = export
+        self.secrets = secrets or {}
+        self.auth = auth
+        self.chunk_size = chunk_size
+        self.streams: list[StreamStats] = []
+        self.calls: list[str] = []  # every method the daemon called, in order
+        self._lock = threading.Lock()
+
+    # -- table ----------------------------------------------------------------
+    def handlers(self) -> dict[str, Callable[[RpcStream], None]]:
+        table: dict[str, Callable[[RpcStream], None]] = {
+            HEALTH_CHECK: self._traced(self.health_check),
+            HEALTH_WATCH: self._traced(self.health_watch),
+        }
+        if "diffcopy" in self.filesync:
+            table[FILESYNC_DIFFCOPY] = self._traced(self.filesync_diffcopy)
+        if "tarstream" in self.filesync:
+            table[FILESYNC_TARSTREAM] = self._traced(self.filesync_tarstream)
+        if self.export is not None:
+            table[FILESEND_DIFFCOPY] = self._traced(self.export)
+        if self.secrets:
+            table[SECRETS_GET] = self._traced(self.get_secret)
+        if self.auth is not None:
+            for method, handler in self.auth.handlers().items():
+                table[method] = self._traced(handler)
+        return table
+
+    def methods(self) -> list[str]:
+        """The advertised list, in a stable order (one header line each)."""
+        return sorted(self.handlers())
+
+    def _traced(self, handler):
+        def run(stream: RpcStream) -> None:
+            with self._lock:
+                self.calls.append(stream.method)
+            handler(stream)
+
+        return run
+
+    def _record(self, stats: StreamStats) -> None:
+        with self._lock:
+            self.streams.append(stats)
+
+    # -- health -----------------------------------------------------------------
+    def health_check(self, stream: RpcStream) -> None:
+        stream.recv()
+        stream.send(health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING).SerializeToString())
+
+    def health_watch(self, stream: RpcStream) -> None:
+        stream.recv()
+        stream.send(health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING).SerializeToString())
+        stream.flush()
+        try:
+            while stream.recv() is not None:
+                pass
+        except RpcError:
+            pass
+
+    # -- file sync ----------------------------------------------------------------
+    def _synced_dir(self, stream: RpcStream) -> tuple[str, SyncedDir]:
+        names = _metadata_values(stream, "dir-name")
+        name = names[0] if names else ""
+        synced = self.dirs.get(name)
+        if synced is None:
+            raise RpcError(StatusCode.NOT_FOUND, f"no access allowed to dir {name!r}")
+        return name, synced
+
+    def _entry_filter(self, stream: RpcStream, synced: SyncedDir):
+        includes = _metadata_values(stream, "include-patterns")
+        excludes = _metadata_values(stream, "exclude-patterns")
+        followpaths = _metadata_values(stream, "followpaths")
+        if synced.excludes and _metadata_values(stream, "override-excludes") != ["true"]:
+            excludes = list(synced.excludes)
+        if not (includes or excludes or followpaths):
+            return None
+        from ..followlinks import resolve_follow_paths
+        from ..pathfilter import PathFilter
+
+        resolved = resolve_follow_paths(synced.path, followpaths) if followpaths else []
+        return PathFilter(includes, excludes, resolved)
+
+    def filesync_diffcopy(self, stream: RpcStream) -> None:
+        started = time.monotonic()
+        name, synced = self._synced_dir(stream)
+        record = StreamStats(FILESYNC_DIFFCOPY, dir_name=name, protocol="diffcopy")
+        try:
+            send_tree(stream, synced.path, self._entry_filter(stream, synced), synced.owner, record, self.chunk_size)
+        except BaseException as exc:
+            record.error = str(exc)
+            raise
+        finally:
+            record.seconds = time.monotonic() - started
+            self._record(record)
+
+    def filesync_tarstream(self, stream: RpcStream) -> None:
+        started = time.monotonic()
+        name, synced = self._synced_dir(stream)
+        record = StreamStats(FILESYNC_TARSTREAM, dir_name=name, protocol="tarstream")
+        try:
+            entry_filter = self._entry_filter(stream, synced)
+            stats = list(walk(synced.path, entry_filter=entry_filter, owner=synced.owner))
+            record.stats_sent = len(stats)
+
+            def read(path: str):
+                record.files_sent += 1
+                for chunk in read_chunks(os.path.join(synced.path, path)):
+                    record.bytes_sent += len(chunk)
+                    yield chunk
+
+            batch = []
+            for payload in tar_messages(stats, read):
+                batch.append(filesync_pb2.BytesMessage(data=payload).SerializeToString())
+                if len(batch) >= 32:
+                    stream.send_many(batch)
+                    batch = []
+            stream.send_many(batch)
+            stream.flush()
+        except WalkError as exc:
+            record.error = str(exc)
+            raise RpcError(StatusCode.UNKNOWN, str(exc)) from None
+        finally:
+            record.seconds = time.monotonic() - started
+            self._record(record)
+
+    # -- secrets --------------------------------------------------------------------
+    def get_secret(self, stream: RpcStream) -> None:
+        request = secrets_pb2.GetSecretRequest.FromString(stream.recv() or b"")
+        source = self.secrets.get(request.ID)
+        if source is None:
+            raise RpcError(StatusCode.NOT_FOUND, f"secret {request.ID} not found")
+        with open(source, "rb") as fh:
+            data = fh.read(MAX_SECRET_SIZE + 1)
+        if len(data) > MAX_SECRET_SIZE:
+            raise RpcError(StatusCode.INVALID_ARGUMENT, f"secret {request.ID} is larger than 500 KiB")
+        stream.send(secrets_pb2.GetSecretResponse(data=data).SerializeToString())
+
+
+def send_tree(stream: RpcStream, root: str, entry_filter, owner, record: StreamStats, chunk_size: int) -> None:
+    """Serve one DiffCopy as the fsutil sender: list, answer REQs, FIN."""
+    sender = dc.DiffCopySender()
+    batch: list[bytes] = []
+    try:
+        for stat in walk(root, entry_filter=entry_filter, owner=owner):
+            batch.append(sender.stat(stat).SerializeToString())
+            if len(batch) >= 512:
+                stream.send_many(batch)
+                batch = []
+    except WalkError as exc:
+        stream.send_many(batch)
+        stream.send(sender.error(str(exc)).SerializeToString())
+        stream.flush()
+        raise RpcError(StatusCode.UNKNOWN, str(exc)) from None
+    record.stats_sent = sender._next_id
+    batch.append(sender.end_listing().SerializeToString())
+    stream.send_many(batch)
+    stream.flush()
+    while True:
+        raw = stream.recv()
+        if raw is None:
+            raise RpcError(StatusCode.CANCELLED, "the receiver closed the stream without FIN")
+        event = sender.receive(Packet.FromString(raw))
+        if isinstance(event, dc.FileRequested):
+            record.reqs_received += 1
+            record.requested.append(event.path)
+            out = []
+            for chunk in read_chunks(os.path.join(root, event.path), chunk_size):
+                out.append(sender.data(event.file_id, chunk).SerializeToString())
+                record.bytes_sent += len(chunk)
+                if len(out) >= 16:
+                    stream.send_many(out)
+                    out = []
+            out.append(sender.end_file(event.file_id).SerializeToString())
+            stream.send_many(out)
+            record.files_sent += 1
+            if not stream_has_pending(stream):
+                stream.flush()
+        else:
+            stream.send(sender.fin().SerializeToString())
+            stream.flush()
+            return
+
+
+def stream_has_pending(stream: RpcStream) -> bool:
+    """Whether more incoming messages are already queued (lets us batch flushes)."""
+    pending = getattr(stream, "pending", None)
+    return bool(pending()) if callable(pending) else False
+
+
+# -- export ---------------------------------------------------------------------------
+
+def local_export_handler(dest: str, records: Callable[[StreamStats], None]) -> Callable[[RpcStream], None]:
+    """FileSend/DiffCopy for ``-o type=local,dest=DIR``: the daemon sends, we merge.
+
+    BuildKit 0.8 never half-closes after the FIN exchange; the call is
+    cancelled instead, and that counts as success.
+    """
+
+    uid, gid = os.getuid(), os.getgid()
+
+    def as_own(stat: Stat) -> Stat:
+        stat.uid, stat.gid = uid, gid
+        return stat
+
+    def handler(stream: RpcStream) -> None:
+        started = time.monotonic()
+        record = StreamStats(FILESEND_DIFFCOPY, protocol="diffcopy")
+        os.makedirs(dest, mode=0o700, exist_ok=True)
+        receiver = dc.DiffCopyReceiver(merge=True, stat_filter=as_own)
+        applier = TreeApplier(dest, chown=None)
+        complete = False
+        try:
+            while not complete:
+                try:
+                    raw = stream.recv()
+                except RpcError as exc:
+                    if exc.code != StatusCode.CANCELLED:
+                        raise
+                    raw = None
+                actions = receiver.receive(Packet.FromString(raw)) if raw is not None else receiver.peer_closed()
+                for action in actions:
+                    if isinstance(action, dc.SendPacket):
+                        if action.packet.type == dc.PACKET_REQ:
+                            record.reqs_received += 1
+                        stream.send(action.packet.SerializeToString())
+                    elif isinstance(action, dc.TransferComplete):
+                        complete = True
+                    else:
+                        if isinstance(action, dc.FileData):
+                            record.bytes_received += len(action.chunk)
+                        applier.apply(action)
+                if not stream_has_pending(stream):
+                    stream.flush()
+            applier.finish(receiver.directories)
+            record.files_received = applier.files_written
+            record.requested = receiver.requested
+        except (ProtocolError, PeerError) as exc:
+            applier.abort()
+            record.error = str(exc)
+            raise RpcError(StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        except BaseException as exc:
+            applier.abort()
+            record.error = str(exc)
+            raise
+        finally:
+            record.seconds = time.monotonic() - started
+            records(record)
+
+    return handler
+
+
+def tar_export_handler(dest: str, records: Callable[[StreamStats], None]) -> Callable[[RpcStream], None]:
+    """FileSend/DiffCopy for ``-o type=tar,dest=FILE``: raw tar bytes in BytesMessages."""
+
+    def handler(stream: RpcStream) -> None:
+        started = time.monotonic()
+        record = StreamStats(FILESEND_DIFFCOPY, protocol="tar")
+        out = sys.stdout.buffer if dest == "-" else open(dest + ".partial", "wb")
+        try:
+            while True:
+                raw = stream.recv()
+                if raw is None:
+                    break
+                data = filesync_pb2.BytesMessage.FromString(raw).data
+                record.bytes_received += len(data)
+                out.write(data)
+            if dest != "-":
+                out.close()
+                os.replace(dest + ".partial", dest)
+        except BaseException as exc:
+            record.error = str(exc)
+            if dest != "-":
+                out.close()
+                os.unlink(dest + ".partial")
+            raise
+        finally:
+            record.seconds = time.monotonic() - started
+            records(record)
+
+    return handler
+
+
+def stats_as_dicts(streams: list[StreamStats]) -> list[dict]:
+    return [asdict(s) for s in streams]

@@ -1,0 +1,98 @@
+"""The session handshake (``POST /session`` upgraded to h2c), client side.
+
+After the 101 the roles invert: the build client serves gRPC to the daemon
+over the hijacked connection.  Method names go out one header line each: a
+comma-joined single header is read by dockerd as one bogus method name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import socket
+import string
+from dataclasses import dataclass, field
+
+from .dockerhost import EngineError, HttpConnection, connect, error_message
+from .errors import SessionError
+
+HEADER_UUID = "X-Docker-Expose-Session-Uuid"
+HEADER_NAME = "X-Docker-Expose-Session-Name"
+HEADER_SHARED_KEY = "X-Docker-Expose-Session-Sharedkey"
+HEADER_METHOD = "X-Docker-Expose-Session-Grpc-Method"
+
+_ID_ALPHABET = string.digits + string.ascii_lowercase
+
+
+def new_session_id() -> str:
+    """25 base-36 characters, the shape BuildKit's identity.NewID produces."""
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(25))
+
+
+def docker_config_dir() -> str:
+    return os.environ.get("DOCKER_CONFIG") or os.path.join(os.path.expanduser("~"), ".docker")
+
+
+def build_node_id() -> str:
+    """The node id the docker CLI keeps in ``<config>/.buildNodeID`` (created on first use)."""
+    path = os.path.join(docker_config_dir(), ".buildNodeID")
+    try:
+        with open(path) as fh:
+            value = fh.read().strip()
+        if value:
+            return value
+    except FileNotFoundError:
+        pass
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    value = secrets.token_hex(32)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(value)
+    os.replace(tmp, path)
+    return value
+
+
+def shared_key_for(context_arg: str) -> str:
+    """hex(sha256("<nodeID>:<context as typed>")), like the docker CLI: a stable
+    key per context lets the daemon reuse its copy as the diff base."""
+    return hashlib.sha256(f"{build_node_id()}:{context_arg}".encode()).hexdigest()
+
+
+@dataclass
+class SessionRequest:
+    session_id: str
+    name: str
+    shared_key: str
+    methods: list[str]
+    extra_headers: list[tuple[str, str]] = field(default_factory=list)
+
+    def headers(self) -> list[tuple[str, str]]:
+        hdrs = [
+            ("Upgrade", "h2c"),
+            ("Connection", "Upgrade"),
+            (HEADER_UUID, self.session_id),
+            (HEADER_NAME, self.name),
+            (HEADER_SHARED_KEY, self.shared_key),
+        ]
+        hdrs += [(HEADER_METHOD, m) for m in self.methods]
+        return hdrs + self.extra_headers
+
+
+def open_session(request: SessionRequest, host: str | None = None, path: str = "/session") -> tuple[socket.socket, bytes]:
+    """Do the handshake; return the hijacked socket and bytes already read past the 101."""
+    sock = connect(host, timeout=30.0)
+    try:
+        http = HttpConnection(sock)
+        resp = http.request("POST", path, request.headers())
+        if resp.status != 101:
+            raise EngineError(resp.status, error_message(http.read_body()))
+        upgrade = resp.header("upgrade", "")
+        if upgrade.lower() != "h2c":
+            raise SessionError(f"daemon switched to {upgrade!r}, expected h2c")
+        leftover = http.switched_protocol_bytes()
+    except BaseException:
+        sock.close()
+        raise
+    sock.settimeout(None)
+    return sock, leftover

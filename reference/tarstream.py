@@ -1,0 +1,262 @@
+"""The legacy ``TarStream`` file sync (generation "n", moby 17.07) as sans-IO pieces.
+
+The sender streams an uncompressed tar of the tree (excludes already applied
+by the walk) in 32 KiB ``BytesMessage`` payloads and ends the call; the
+receiver parses tar blocks as they arrive and turns them into the same
+actions the DiffCopy receiver produces, so one applier writes both.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from typing import Callable, Iterable, Iterator
+
+from . import filemode
+from .diffcopy import Change, FileData, FileDone, ListingDone, PutEntry
+from .errors import ProtocolError
+from .paths import check_path_syntax
+from .pb.fsutil_types_pb2 import Stat
+
+BLOCK = 512
+MESSAGE_SIZE = 32 * 1024
+
+
+# -- sender -----------------------------------------------------------------
+
+def _tarinfo(stat: Stat) -> tarfile.TarInfo:
+    mode = stat.mode
+    info = tarfile.TarInfo(stat.path + ("/" if filemode.is_dir(mode) else ""))
+    info.mode = filemode.permission_bits(mode)
+    info.uid, info.gid = stat.uid, stat.gid
+    info.mtime = stat.modTime // 1_000_000_000
+    if filemode.is_dir(mode):
+        info.type = tarfile.DIRTYPE
+    elif filemode.is_symlink(mode):
+        info.type, info.linkname = tarfile.SYMTYPE, stat.linkname
+    elif stat.linkname:
+        info.type, info.linkname = tarfile.LNKTYPE, stat.linkname
+    elif filemode.is_fifo(mode):
+        info.type = tarfile.FIFOTYPE
+    elif filemode.is_device(mode):
+        info.type = tarfile.CHRTYPE if mode & filemode.MODE_CHAR_DEVICE else tarfile.BLKTYPE
+        info.devmajor, info.devminor = stat.devmajor, stat.devminor
+    else:
+        info.type, info.size = tarfile.REGTYPE, stat.size
+    return info
+
+
+def tar_messages(stats: Iterable[Stat], read_file: Callable[[str], Iterable[bytes]]) -> Iterator[bytes]:
+    """Payloads of the BytesMessages that carry the tar, each at most 32 KiB.
+
+    A file that shrank while being read is padded with zeros and one that grew
+    is cut, so the archive always matches its headers.
+    """
+    buf = bytearray()
+    for stat in stats:
+        info = _tarinfo(stat)
+        buf += info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        if info.type == tarfile.REGTYPE:
+            left = info.size
+            for chunk in read_file(stat.path):
+                chunk = chunk[:left]
+                left -= len(chunk)
+                buf += chunk
+                while len(buf) >= MESSAGE_SIZE:
+                    yield bytes(buf[:MESSAGE_SIZE])
+                    del buf[:MESSAGE_SIZE]
+                if not left:
+                    break
+            buf += b"\0" * left
+            buf += b"\0" * (-info.size % BLOCK)
+        while len(buf) >= MESSAGE_SIZE:
+            yield bytes(buf[:MESSAGE_SIZE])
+            del buf[:MESSAGE_SIZE]
+    buf += b"\0" * (2 * BLOCK)
+    while buf:
+        yield bytes(buf[:MESSAGE_SIZE])
+        del buf[:MESSAGE_SIZE]
+
+
+# -- receiver ---------------------------------------------------------------
+
+_TYPE_MODE = {
+    tarfile.DIRTYPE: filemode.MODE_DIR,
+    tarfile.SYMTYPE: filemode.MODE_SYMLINK,
+    tarfile.FIFOTYPE: filemode.MODE_NAMED_PIPE,
+    tarfile.CHRTYPE: filemode.MODE_DEVICE | filemode.MODE_CHAR_DEVICE,
+    tarfile.BLKTYPE: filemode.MODE_DEVICE,
+}
+
+
+class TarReceiver:
+    """Parses a tar stream incrementally into applier actions.
+
+    Every member name must be a clean relative path; parents the archive
+    leaves out are created as 0755 directories.  No diff base: the legacy
+    protocol always transfers the whole tree.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._file: tuple[int, str] | None = None  # (id, path) of the member being read
+        self._left = 0  # data bytes left in the current member
+        self._pad = 0
+        self._special: tuple[bytes, int] | None = None  # pax or GNU long-name member being read
+        self._pax: dict[str, str] = {}
+        self._longname: str | None = None
+        self._longlink: str | None = None
+        self._next_id = 0
+        self._dirs: set[str] = set()
+        self._zero_blocks = 0
+        self.done = False
+        self.requested: list[str] = []
+
+    def feed(self, data: bytes) -> list:
+        if self.done:
+            if data.strip(b"\0"):
+                raise ProtocolError("data after the end of the tar archive")
+            return []
+        self._buf += data
+        actions: list = []
+        while True:
+            if self._left:
+                n = min(self._left, len(self._buf))
+                if not n:
+                    break
+                chunk = bytes(self._buf[:n])
+                del self._buf[:n]
+                self._left -= n
+                if self._special is not None:
+                    kind, _ = self._special
+                    self._special = (kind, 0)
+                    self._special_data = getattr(self, "_special_data", b"") + chunk
+                elif self._file is not None:
+                    actions.append(FileData(self._file[0], self._file[1], chunk))
+                if self._left:
+                    break
+                self._end_member(actions)
+                continue
+            if self._pad:
+                n = min(self._pad, len(self._buf))
+                del self._buf[:n]
+                self._pad -= n
+                if self._pad:
+                    break
+                continue
+            if len(self._buf) < BLOCK:
+                break
+            header = bytes(self._buf[:BLOCK])
+            del self._buf[:BLOCK]
+            if header == b"\0" * BLOCK:
+                self._zero_blocks += 1
+                if self._zero_blocks == 2:
+                    self.done = True
+                    actions.append(ListingDone())
+                    break
+                continue
+            self._zero_blocks = 0
+            self._header(header, actions)
+        return actions
+
+    def end(self) -> list:
+        """The stream ended; a tar cut short is an error."""
+        if not self.done:
+            raise ProtocolError("the tar stream ended before the end-of-archive marker")
+        return []
+
+    def _header(self, header: bytes, actions: list) -> None:
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as exc:
+            raise ProtocolError(f"bad tar header: {exc}") from None
+        if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
+            self._special = (info.type, info.size)
+            self._special_data = b""
+            self._left = info.size
+            self._pad = -info.size % BLOCK
+            if not self._left:
+                self._end_member(actions)
+            return
+        name = self._pax.pop("path", None) or self._longname or info.name
+        linkname = self._pax.pop("linkpath", None) or self._longlink or info.linkname
+        mtime_ns = int(float(self._pax.pop("mtime", info.mtime)) * 1_000_000_000)
+        size = int(self._pax.pop("size", info.size))
+        self._pax.clear()
+        self._longname = self._longlink = None
+        path = name.rstrip("/") if name not in ("/", "") else name
+        while path.startswith("./"):
+            path = path[2:]
+        check_path_syntax(path)
+        mode = filemode.permission_bits(0) | (info.mode & 0o777)
+        if info.mode & 0o4000:
+            mode |= filemode.MODE_SETUID
+        if info.mode & 0o2000:
+            mode |= filemode.MODE_SETGID
+        if info.mode & 0o1000:
+            mode |= filemode.MODE_STICKY
+        mode |= _TYPE_MODE.get(info.type, 0)
+        stat = Stat(path=path, mode=mode, uid=info.uid, gid=info.gid, modTime=mtime_ns)
+        if info.type in (tarfile.SYMTYPE, tarfile.LNKTYPE):
+            stat.linkname = linkname
+            if info.type == tarfile.LNKTYPE:
+                check_path_syntax(linkname)
+        if info.type in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+            stat.devmajor, stat.devminor = info.devmajor, info.devminor
+        self._ensure_parents(path, actions)
+        file_id = self._next_id
+        self._next_id += 1
+        is_data = info.type in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
+        if is_data:
+            stat.size = size
+            self.requested.append(path)
+        if filemode.is_dir(mode):
+            self._dirs.add(path)
+        actions.append(PutEntry(path, stat, Change.ADD, file_id if is_data else None))
+        if is_data:
+            self._file = (file_id, path)
+            self._left = size
+            self._pad = -size % BLOCK
+            if not size:
+                self._end_member(actions)
+
+    def _ensure_parents(self, path: str, actions: list) -> None:
+        parts = path.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            parent = "/".join(parts[:i])
+            if parent not in self._dirs:
+                self._dirs.add(parent)
+                actions.append(PutEntry(parent, Stat(path=parent, mode=filemode.MODE_DIR | 0o755), Change.ADD, None))
+
+    def _end_member(self, actions: list) -> None:
+        if self._special is not None:
+            kind, _ = self._special
+            data = self._special_data
+            self._special = None
+            if kind == tarfile.XHDTYPE:
+                self._pax.update(_parse_pax(data))
+            elif kind == tarfile.GNUTYPE_LONGNAME:
+                self._longname = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            elif kind == tarfile.GNUTYPE_LONGLINK:
+                self._longlink = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            return
+        if self._file is not None:
+            file_id, path = self._file
+            self._file = None
+            actions.append(FileDone(file_id, path))
+
+
+def _parse_pax(data: bytes) -> dict[str, str]:
+    records: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        if space < 0:
+            break
+        length = int(data[pos:space])
+        if length <= 0:
+            raise ProtocolError("bad pax record")
+        record = data[space + 1 : pos + length - 1]
+        key, _, value = record.partition(b"=")
+        records[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return records
