@@ -1,0 +1,34 @@
+"""Shared fixtures. Real peers: one private dockerd 20.10 per test session (per xdist worker)."""
+
+import pytest
+
+from conformance import realpeers
+
+_REAL_PEER_FIXTURES = {"dockerd", "docker_cli", "shell_image"}
+
+
+def pytest_collection_modifyitems(items):
+    # Lets `-m "not real_peer"` deselect everything that would start a daemon.
+    for item in items:
+        if _REAL_PEER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real_peer)
+
+
+@pytest.fixture(scope="session")
+def dockerd():
+    """A private dockerd 20.10 (BuildKit, experimental) shared by the whole session."""
+    realpeers.require_docker()
+    with realpeers.PrivateDockerd() as daemon:
+        yield daemon
+
+
+@pytest.fixture(scope="session")
+def docker_cli(dockerd):
+    """Runs /usr/bin/docker (CLI 20.10) against the session daemon: docker_cli("build", ...)."""
+    return dockerd.cli
+
+
+@pytest.fixture(scope="session")
+def shell_image(dockerd):
+    """Tag of a busybox image built from the host's busybox-static (nothing is pulled)."""
+    return realpeers.build_shell_image(dockerd)
