@@ -1,1 +1,225 @@
-"""pytest plugin entry point: options for pointing the suite at an implementation."""
+"""pytest plugin: point the suite at an implementation, grade outcomes, write reports.
+
+Options (each also as an environment variable):
+  --daemon-under-test URL       SESSION_DAEMON_UNDER_TEST   the suite plays the client
+  --client-under-test 'CMD'     SESSION_CLIENT_UNDER_TEST   the suite plays the daemon; CMD contains {context}
+  --report-dir DIR              SESSION_REPORT_DIR          junit.xml, results.json, summary.md
+  --allow-destructive           SESSION_ALLOW_DESTRUCTIVE   run cases that can damage a non-conforming daemon
+  --conformance-profile fast|thorough                       hypothesis effort
+Without a target option the suite runs against the embedded reference pairs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from . import outcomes
+from .targets import (
+    ClientSpec, ClientTarget, DaemonSpec, attach_daemon, embedded_client_specs, embedded_daemon_specs,
+    start_reference_daemon,
+)
+
+_RESULTS_KEY = pytest.StashKey[list]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("session-conformance", "Docker client session conformance")
+    group.addoption("--daemon-under-test", default=os.environ.get("SESSION_DAEMON_UNDER_TEST"),
+                    help="Engine API URL (unix:///path or tcp://host:port) of the daemon to test")
+    group.addoption("--daemon-generation", default=os.environ.get("SESSION_DAEMON_GENERATION", "n+1"),
+                    choices=["n", "n+1"], help="protocol generation the daemon under test claims")
+    group.addoption("--client-under-test", default=os.environ.get("SESSION_CLIENT_UNDER_TEST"),
+                    help="command that runs one build against DOCKER_HOST; '{context}' marks the context "
+                         "argument, e.g. '/usr/bin/docker build {context}'")
+    group.addoption("--client-generation", default=os.environ.get("SESSION_CLIENT_GENERATION", "n+1"),
+                    choices=["n", "n+1"], help="protocol generation the client under test claims")
+    group.addoption("--report-dir", default=os.environ.get("SESSION_REPORT_DIR"),
+                    help="write junit.xml, results.json and summary.md here")
+    group.addoption("--allow-destructive", action="store_true",
+                    default=os.environ.get("SESSION_ALLOW_DESTRUCTIVE", "") not in ("", "0", "false"),
+                    help="run cases that can corrupt or crash a non-conforming daemon (use a disposable one)")
+    group.addoption("--conformance-profile", default=os.environ.get("SESSION_CONFORMANCE_PROFILE", "fast"),
+                    choices=["fast", "thorough"])
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "requirement(*ids): the requirement IDs (conformance/SPEC.md) a test checks")
+    config.addinivalue_line("markers", "destructive: may corrupt or crash a non-conforming daemon")
+    config.stash[_RESULTS_KEY] = []
+    report_dir = config.getoption("report_dir")
+    if report_dir:
+        os.makedirs(report_dir, exist_ok=True)
+        if not getattr(config.option, "xmlpath", None):
+            config.option.xmlpath = os.path.join(report_dir, "junit.xml")
+    from hypothesis import settings
+
+    settings.register_profile("conformance-fast", max_examples=15, deadline=None)
+    settings.register_profile("conformance-thorough", max_examples=200, deadline=None)
+
+
+# -- targets ---------------------------------------------------------------------
+
+def daemon_specs(config: pytest.Config) -> list[DaemonSpec]:
+    url = config.getoption("daemon_under_test")
+    if url:
+        return [DaemonSpec("under-test", url=url, generation=config.getoption("daemon_generation"))]
+    return embedded_daemon_specs()
+
+
+def client_specs(config: pytest.Config, *, pair: bool) -> list[ClientSpec | None]:
+    command = config.getoption("client_under_test")
+    if command:
+        return [ClientSpec("under-test", command, config.getoption("client_generation"))]
+    if config.getoption("daemon_under_test") and not pair:
+        return [None]  # client-role tests have nothing to test when only a daemon is under test
+    return embedded_client_specs()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    names = metafunc.fixturenames
+    config = metafunc.config
+    pair = "daemon" in names and "client" in names
+    if "daemon" in names:
+        specs = daemon_specs(config)
+        if config.getoption("client_under_test") and not pair:
+            specs = [None]  # daemon-role tests are not what a client run is about
+        metafunc.parametrize("daemon", specs, ids=[s.id if s else "daemon=none" for s in specs], indirect=True)
+    if "client" in names:
+        specs = client_specs(config, pair=pair)
+        metafunc.parametrize("client", specs, ids=[s.id if s else "client=none" for s in specs], indirect=True)
+
+
+_started: dict[DaemonSpec, object] = {}
+
+
+def _apply_known_deviations(request: pytest.FixtureRequest, implementation: str) -> None:
+    from .catalogue import load_catalogue
+
+    catalogue = load_catalogue()
+    family = " ".join(implementation.split()[:2])  # "dockerd 20.10.24" -> the name and version
+    short = family.rsplit(".", 1)[0] if family.count(".") >= 2 else family  # "dockerd 20.10"
+    for mark in request.node.iter_markers("requirement"):
+        for req_id in mark.args:
+            req = catalogue.get(req_id)
+            text = (req.known_deviations or "") if req else ""
+            if text and (family in text or short in text):
+                request.applymarker(pytest.mark.xfail(
+                    strict=True, reason=f"known deviation of {implementation} from {req_id}: {text}"))
+                return
+
+
+@pytest.fixture(scope="session")
+def _daemon_pool():
+    yield _started
+    for target in _started.values():
+        target.stop()
+    _started.clear()
+
+
+@pytest.fixture
+def daemon(request: pytest.FixtureRequest, _daemon_pool):
+    """The daemon under test (embedded reference daemons are started once per session)."""
+    spec: DaemonSpec | None = request.param
+    if spec is None:
+        pytest.skip("testing a client only: daemon-role cases do not apply")
+    target = _daemon_pool.get(spec)
+    if target is None:
+        target = attach_daemon(spec) if spec.url else start_reference_daemon(spec)
+        _daemon_pool[spec] = target
+    if not target.alive():
+        pytest.fail(f"daemon {spec.name} is not answering (it died in an earlier case):\n{target.logs()}")
+    _apply_known_deviations(request, target.implementation)
+    request.node.user_properties.append(("target", spec.name))
+    yield target
+
+
+@pytest.fixture
+def client(request: pytest.FixtureRequest):
+    """The client under test: a command run once per build, with DOCKER_HOST set."""
+    spec: ClientSpec | None = request.param
+    if spec is None:
+        pytest.skip("testing a daemon only: client-role cases do not apply")
+    implementation = "docker CLI 20.10" if spec.command.startswith("/usr/bin/docker") else spec.name
+    _apply_known_deviations(request, implementation)
+    request.node.user_properties.append(("client", spec.name))
+    return ClientTarget(spec, implementation)
+
+
+@pytest.fixture
+def allow_destructive(request: pytest.FixtureRequest) -> bool:
+    return request.config.getoption("allow_destructive")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("destructive") and not config.getoption("allow_destructive"):
+            daemon_param = getattr(item, "callspec", None) and item.callspec.params.get("daemon")
+            if daemon_param is not None and getattr(daemon_param, "url", None):
+                item.add_marker(pytest.mark.skip(
+                    reason="destructive against an external daemon: pass --allow-destructive for a disposable one"))
+
+
+# -- outcomes and reports ------------------------------------------------------------
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    excinfo = call.excinfo
+    if excinfo is not None and report.when == "call":
+        if isinstance(excinfo.value, outcomes.NonStrict):
+            report.outcome = "passed"
+            report.sections.append(("NON-STRICT", str(excinfo.value)))
+            report.non_strict = str(excinfo.value)
+        elif isinstance(excinfo.value, outcomes.Unsupported):
+            report.outcome = "skipped"
+            report.longrepr = (str(item.path), item.location[1] or 0, f"UNSUPPORTED: {excinfo.value}")
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        grade = outcomes.NON_STRICT if getattr(report, "non_strict", None) else outcomes.classify(report, excinfo)
+        reqs = [r for m in item.iter_markers("requirement") for r in m.args]
+        exc = excinfo.value if excinfo is not None else None
+        record = {
+            "nodeid": item.nodeid,
+            "name": item.name,
+            "requirements": reqs,
+            "outcome": grade,
+            "duration": round(report.duration, 3),
+            "targets": {k: v for k, v in item.user_properties if k in ("target", "client")},
+            "message": _short_message(report),
+            "expected": _text(getattr(exc, "expected", None)),
+            "actual": _text(getattr(exc, "actual", None)),
+            "transcript": list(getattr(exc, "transcript", []) or []),
+            "seed": getattr(exc, "seed", None),
+        }
+        item.config.stash[_RESULTS_KEY].append(record)
+        for req in reqs:
+            item.user_properties.append(("requirement", req))
+        item.user_properties.append(("outcome", grade))
+
+
+def _text(value) -> str | None:
+    return None if value is None else str(value)
+
+
+def _short_message(report: pytest.TestReport) -> str:
+    if report.passed and not getattr(report, "non_strict", None):
+        return ""
+    if getattr(report, "non_strict", None):
+        return report.non_strict
+    if isinstance(report.longrepr, tuple):
+        return str(report.longrepr[2])
+    text = str(report.longrepr or "")
+    return text[-4000:]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    config = session.config
+    results = config.stash.get(_RESULTS_KEY, [])
+    report_dir = config.getoption("report_dir")
+    if report_dir and results:
+        from .report import write_reports
+
+        write_reports(report_dir, results, config)

@@ -1,0 +1,261 @@
+"""An instrumented, scriptable daemon: the suite plays the daemon to test a client.
+
+It serves just enough of the Engine API for a client to run a build
+(``/_ping``, ``/version``, ``/session``, ``/build``), records everything the
+client sends, and hands each build to a *scenario*: a function that drives
+the client's session services (health, DiffCopy, FileSend, secrets...) the
+way a test wants and decides what the build response says.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+from urllib.parse import parse_qs, urlsplit
+
+import h11
+
+from reference.transport.base import ClientConnection
+
+API_VERSION = "1.41"
+
+
+@dataclass
+class SessionRecord:
+    """One client session as the daemon saw it."""
+
+    headers: list[tuple[str, str]]  # raw header lines, names lower-cased, in order
+    session_id: str
+    conn: ClientConnection | None = None
+    opened_at: float = field(default_factory=time.monotonic)
+    upgrade_response: bytes = b""
+
+    def header_values(self, name: str) -> list[str]:
+        name = name.lower()
+        return [v for k, v in self.headers if k == name]
+
+    @property
+    def methods(self) -> list[str]:
+        return self.header_values("x-docker-expose-session-grpc-method")
+
+    def supports(self, method: str) -> bool:
+        return method.lower() in {m.lower() for m in self.methods}
+
+
+@dataclass
+class BuildRecord:
+    target: str
+    query: dict[str, list[str]]
+    body: bytes
+    session: SessionRecord | None = None
+    outcome: dict = field(default_factory=dict)
+
+
+@dataclass
+class ScenarioResult:
+    image_id: str | None = "sha256:" + "0" * 64
+    error: str | None = None
+    trace: list[bytes] = field(default_factory=list)  # serialized StatusResponse messages to stream
+
+
+Scenario = Callable[[BuildRecord], ScenarioResult]
+
+
+class InstrumentedDaemon:
+    """``with InstrumentedDaemon(scenario) as d: client.run(ctx, d.host)``"""
+
+    def __init__(self, scenario: Scenario | None = None, *, transport: str = "h2", session_wait: float = 5.0):
+        self.scenario = scenario or (lambda build: ScenarioResult())
+        self.transport = transport
+        self.session_wait = session_wait
+        self.dir = tempfile.mkdtemp(prefix="conf-fd-", dir="/tmp")
+        self.socket_path = os.path.join(self.dir, "d.sock")
+        self.host = f"unix://{self.socket_path}"
+        self.sessions: dict[str, SessionRecord] = {}
+        self.builds: list[BuildRecord] = []
+        self.requests: list[tuple[str, str]] = []  # (method, target)
+        self.errors: list[str] = []
+        self._cond = threading.Condition()
+        self._listener: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+        self._closing = False
+
+    # -- lifecycle ----------------------------------------------------------------
+    def __enter__(self) -> "InstrumentedDaemon":
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(self.socket_path)
+        self._listener.listen(16)
+        t = threading.Thread(target=self._accept_loop, name="instrumented-daemon", daemon=True)
+        t.start()
+        self._threads.append(t)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._closing = True
+        if self._listener is not None:
+            try:
+                self._listener.close()
+            except OSError:
+                pass
+        for record in list(self.sessions.values()):
+            if record.conn is not None:
+                record.conn.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def wait_for_session(self, session_id: str, timeout: float) -> SessionRecord | None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while session_id not in self.sessions or self.sessions[session_id].conn is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+            return self.sessions[session_id]
+
+    # -- HTTP ---------------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while not self._closing:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            t = threading.Thread(target=self._serve_connection, args=(sock,), daemon=True)
+            t.start()
+
+    def _serve_connection(self, sock: socket.socket) -> None:
+        conn = h11.Connection(h11.SERVER)
+        hijacked = False
+        try:
+            while True:
+                request, body = self._read_request(sock, conn)
+                if request is None:
+                    return
+                target = request.target.decode("latin-1")
+                method = request.method.decode()
+                self.requests.append((method, target))
+                path = urlsplit(target).path
+                parts = path.split("/")
+                if len(parts) > 2 and parts[1].startswith("v") and parts[1][1:2].isdigit():
+                    path = "/" + "/".join(parts[2:])
+                headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in request.headers]
+                if path == "/session" and method == "POST":
+                    hijacked = self._session(sock, conn, headers)
+                    return
+                if path == "/build" and method == "POST":
+                    self._build(sock, conn, target, body)
+                elif path == "/_ping":
+                    self._respond(sock, conn, 200, b"OK" if method == "GET" else b"", "text/plain",
+                                  [("API-Version", API_VERSION), ("Builder-Version", "2"), ("Docker-Experimental", "true"),
+                                   ("OSType", "linux")])
+                elif path == "/version":
+                    self._respond(sock, conn, 200, json.dumps({
+                        "Version": "0.0.0-conformance", "ApiVersion": API_VERSION, "MinAPIVersion": "1.12",
+                        "Os": "linux", "Arch": "amd64", "Components": [{"Name": "conformance-harness", "Version": "0"}],
+                    }).encode())
+                else:
+                    self._respond(sock, conn, 404, b'{"message":"page not found"}')
+                if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                    return
+                conn.start_next_cycle()
+        except (OSError, h11.ProtocolError) as exc:
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            if not hijacked:
+                sock.close()
+
+    def _read_request(self, sock, conn):
+        request = None
+        body = bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = sock.recv(65536)
+                conn.receive_data(data)
+                if not data and request is None:
+                    return None, b""
+                continue
+            if isinstance(event, h11.Request):
+                request = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return request, bytes(body)
+            elif isinstance(event, h11.ConnectionClosed):
+                return None, b""
+
+    def _respond(self, sock, conn, status: int, body: bytes, content_type: str = "application/json",
+                 extra: list[tuple[str, str]] = ()) -> None:
+        headers = [("Content-Type", content_type), ("Content-Length", str(len(body))), *extra]
+        sock.sendall(conn.send(h11.Response(status_code=status, headers=headers)))
+        if body:
+            sock.sendall(conn.send(h11.Data(data=body)))
+        sock.sendall(conn.send(h11.EndOfMessage()))
+
+    # -- session ----------------------------------------------------------------------------
+    def _session(self, sock, conn, headers) -> bool:
+        """Answer /session; True when the connection was upgraded (the session owns it now)."""
+        values = dict(headers)
+        session_id = values.get("x-docker-expose-session-uuid", "")
+        upgrade = values.get("upgrade", "")
+        if not upgrade:
+            self._respond(sock, conn, 400, b'{"message":"no upgrade proto in request"}')
+            return False
+        if upgrade != "h2c":
+            self._respond(sock, conn, 400, json.dumps({"message": f"protocol {upgrade} not supported"}).encode())
+            return False
+        if session_id in self.sessions:
+            self._respond(sock, conn, 400, json.dumps({"message": f"session {session_id} already exists"}).encode())
+            return False
+        record = SessionRecord(headers, session_id)
+        with self._cond:
+            self.sessions[session_id] = record
+        head = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+        record.upgrade_response = head
+        sock.sendall(head)
+        leftover = bytes(conn.trailing_data[0])
+        if self.transport == "grpcio":
+            from reference.transport.grpcio_pump import connect_grpcio as connect
+        else:
+            from reference.transport.h2grpc import connect_h2 as connect
+        record.conn = connect(sock, leftover)
+        with self._cond:
+            self._cond.notify_all()
+        return True
+
+    # -- build ------------------------------------------------------------------------------
+    def _build(self, sock, conn, target: str, body: bytes) -> None:
+        query = parse_qs(urlsplit(target).query, keep_blank_values=True)
+        build = BuildRecord(target, query, body)
+        self.builds.append(build)
+        session_id = (query.get("session") or [""])[0]
+        build.session = self.wait_for_session(session_id, self.session_wait) if session_id else None
+        if session_id and build.session is None:
+            result = ScenarioResult(image_id=None, error=f"no active session for {session_id}: context deadline exceeded")
+        else:
+            try:
+                result = self.scenario(build)
+            except Exception as exc:  # a scenario bug is reported to the test through the record
+                self.errors.append(f"scenario raised {type(exc).__name__}: {exc}")
+                result = ScenarioResult(image_id=None, error=f"harness error: {exc}")
+        build.outcome = {"image_id": result.image_id, "error": result.error}
+        lines = [json.dumps({"id": "moby.buildkit.trace", "aux": base64.b64encode(t).decode()}) for t in result.trace]
+        if result.error:
+            lines.append(json.dumps({"errorDetail": {"message": result.error}, "error": result.error}))
+        elif result.image_id:
+            lines.append(json.dumps({"id": "moby.image.id", "aux": {"ID": result.image_id}}))
+        payload = ("\r\n".join(lines) + "\r\n").encode()
+        sock.sendall(conn.send(h11.Response(status_code=200, headers=[("Content-Type", "application/json"),
+                                                                       ("Transfer-Encoding", "chunked")])))
+        sock.sendall(conn.send(h11.Data(data=payload)))
+        sock.sendall(conn.send(h11.EndOfMessage()))

@@ -1,0 +1,89 @@
+"""results.json (per requirement and per test) and summary.md (per target).
+
+JUnit XML comes from pytest's own writer (``--report-dir`` points it at
+``junit.xml``); each case carries its requirement IDs and graded outcome as
+properties.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter, defaultdict
+
+from .catalogue import load_catalogue
+from .outcomes import ERROR, FAIL, NON_STRICT, PASS, UNSUPPORTED, XFAIL
+
+# the worst outcome of a requirement's tests decides its outcome
+_RANK = {ERROR: 6, FAIL: 5, NON_STRICT: 4, XFAIL: 3, UNSUPPORTED: 2, PASS: 1, "SKIPPED": 0}
+
+
+def _target_of(record: dict) -> str:
+    t = record["targets"]
+    parts = [f"daemon={t['target']}" if "target" in t else "", f"client={t['client']}" if "client" in t else ""]
+    return " ".join(p for p in parts if p) or "core"
+
+
+def summarise(results: list[dict]) -> dict:
+    catalogue = load_catalogue()
+    per_req: dict[str, dict] = {}
+    for record in results:
+        for req_id in record["requirements"]:
+            entry = per_req.setdefault(req_id, {"outcome": "SKIPPED", "tests": [], "targets": {}})
+            entry["tests"].append(record["nodeid"])
+            target = _target_of(record)
+            old = entry["targets"].get(target, "SKIPPED")
+            entry["targets"][target] = max(old, record["outcome"], key=_RANK.__getitem__)
+            entry["outcome"] = max(entry["outcome"], record["outcome"], key=_RANK.__getitem__)
+    for req_id, entry in per_req.items():
+        req = catalogue.get(req_id)
+        entry["level"] = req.level if req else "?"
+        entry["title"] = req.title if req else "(not in catalogue)"
+    untested = sorted(r.id for r in catalogue.values() if r.id not in per_req)
+    per_target: dict[str, Counter] = defaultdict(Counter)
+    for record in results:
+        per_target[_target_of(record)][record["outcome"]] += 1
+    return {"requirements": per_req, "untested": untested, "targets": {k: dict(v) for k, v in per_target.items()}}
+
+
+def write_reports(report_dir: str, results: list[dict], config) -> None:
+    summary = summarise(results)
+    options = {k: config.getoption(k) for k in ("daemon_under_test", "client_under_test", "allow_destructive",
+                                               "conformance_profile")}
+    with open(os.path.join(report_dir, "results.json"), "w") as fh:
+        json.dump({"options": options, **summary, "tests": results}, fh, indent=2, sort_keys=True)
+    with open(os.path.join(report_dir, "summary.md"), "w") as fh:
+        fh.write(render_markdown(summary, results, options))
+
+
+def render_markdown(summary: dict, results: list[dict], options: dict) -> str:
+    out = ["# Session protocol conformance summary", ""]
+    out.append("Options: " + ", ".join(f"`{k}={v}`" for k, v in options.items() if v) or "embedded reference pairs")
+    out += ["", "## Per target", "", "| target | PASS | FAIL | NON-STRICT | UNSUPPORTED | XFAIL | ERROR | skipped |",
+            "|---|---|---|---|---|---|---|---|"]
+    for target, counts in sorted(summary["targets"].items()):
+        out.append(f"| {target} | " + " | ".join(str(counts.get(k, 0)) for k in
+                                                   (PASS, FAIL, NON_STRICT, UNSUPPORTED, XFAIL, ERROR, "SKIPPED")) + " |")
+    bad = [r for r in results if r["outcome"] in (FAIL, ERROR, NON_STRICT, XFAIL)]
+    if bad:
+        out += ["", "## Failing, non-strict and known-deviation cases", ""]
+        for r in bad:
+            out.append(f"### {r['outcome']}: `{r['nodeid']}`")
+            out.append("")
+            out.append("Requirements: " + (", ".join(r["requirements"]) or "none"))
+            if r["expected"] is not None:
+                out += ["", f"- Expected: {r['expected']}", f"- Actual: {r['actual']}"]
+            if r["seed"]:
+                out.append(f"- Seed: `{r['seed']}`")
+            if r["message"] and r["expected"] is None:
+                out += ["", "```", r["message"][-2000:], "```"]
+            if r["transcript"]:
+                out += ["", "Transcript:", "", "```", *r["transcript"][:80], "```"]
+            out.append("")
+    out += ["", "## Per requirement", "", "| requirement | level | outcome | targets |", "|---|---|---|---|"]
+    for req_id, entry in sorted(summary["requirements"].items()):
+        targets = "; ".join(f"{t}: {o}" for t, o in sorted(entry["targets"].items()))
+        out.append(f"| {req_id} | {entry['level']} | {entry['outcome']} | {targets} |")
+    if summary["untested"]:
+        out += ["", f"Requirements without a test in this run: {', '.join(summary['untested'])}"]
+    return "\n".join(out) + "\n"
