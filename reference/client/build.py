@@ -29,7 +29,7 @@ from .services import ClientServices, StreamStats, SyncedDir, local_export_handl
 
 GENERATIONS = {
     # generation: (file sync protocols, token authority)
-    "n": (("tarstream",), False),
+    "n": (("tarstream",), False),  # and the 2017 request: Dockerfile as the /build body
     "n+1": (("diffcopy", "tarstream"), True),
 }
 
@@ -119,10 +119,16 @@ def build(
     if not os.path.isdir(context_dir):
         raise SessionError(f"context {context!r} is not a directory")
     dockerfile_path = os.path.abspath(dockerfile) if dockerfile else os.path.join(context_dir, "Dockerfile")
-    dirs = {
-        "context": SyncedDir(context_dir, owner=(0, 0)),
-        "dockerfile": SyncedDir(os.path.dirname(dockerfile_path)),
-    }
+    # Generation n is the 2017 request: the Dockerfile travels as the /build body,
+    # the context is one unnamed directory and the client applies .dockerignore.
+    legacy_request = generation == "n"
+    if legacy_request:
+        dirs = {"": SyncedDir(context_dir, owner=(0, 0), excludes=_read_dockerignore(context_dir, dockerfile_path))}
+    else:
+        dirs = {
+            "context": SyncedDir(context_dir, owner=(0, 0)),
+            "dockerfile": SyncedDir(os.path.dirname(dockerfile_path)),
+        }
     services = ClientServices(dirs, filesync=filesync, secrets=secrets,
                               auth=AuthProvider(token_authority=token_authority))
     output_attrs = []
@@ -144,6 +150,11 @@ def build(
             "buildid": _secrets.token_hex(16),
             "rm": "1",
         }
+        body = None
+        if legacy_request:
+            del query["version"], query["buildid"]
+            with open(dockerfile_path, "rb") as fh:
+                body = fh.read()
         if tags:
             query["t"] = list(tags)
         if output_attrs:
@@ -161,7 +172,7 @@ def build(
         if pull:
             query["pull"] = "1"
         query.update(extra_query or {})
-        image_id, vertex_errors = _run_build(query, host, progress, timeout, hang_timeout)
+        image_id, vertex_errors = _run_build(query, host, progress, timeout, hang_timeout, body)
     finally:
         server.close()
         sock.close()
@@ -169,7 +180,20 @@ def build(
                        vertex_errors, time.monotonic() - started)
 
 
-def _run_build(query, host, progress, timeout, hang_timeout) -> tuple[str | None, list[str]]:
+def _read_dockerignore(context_dir: str, dockerfile_path: str) -> list[str]:
+    """Patterns of ``<Dockerfile>.dockerignore`` (preferred) or ``.dockerignore``."""
+    from ..patterns import parse_dockerignore
+
+    for candidate in (dockerfile_path + ".dockerignore", os.path.join(context_dir, ".dockerignore")):
+        try:
+            with open(candidate, "rb") as fh:
+                return parse_dockerignore(fh.read())
+        except FileNotFoundError:
+            continue
+    return []
+
+
+def _run_build(query, host, progress, timeout, hang_timeout, body: bytes | None = None) -> tuple[str | None, list[str]]:
     """POST /build and follow its JSON stream on a reader thread, so that a
     daemon that reports a vertex error and then never ends the response (a
     known dockerd 20.10 hang) is cut off after ``hang_timeout``."""
@@ -179,7 +203,8 @@ def _run_build(query, host, progress, timeout, hang_timeout) -> tuple[str | None
     def reader() -> None:
         try:
             http = HttpConnection(sock)
-            resp = http.request("POST", "/build?" + urlencode(query, doseq=True))
+            headers = [("Content-Type", "application/x-tar")] if body is not None else []
+            resp = http.request("POST", "/build?" + urlencode(query, doseq=True), headers, body)
             if resp.status != 200:
                 events.put(EngineError(resp.status, error_message(http.read_body())))
                 return
