@@ -119,6 +119,11 @@ class DiffCopySender:
         self._requestable: dict[int, str] = {}  # listed regular files not yet requested
         self._in_flight: dict[int, str] = {}  # requested, EOF not yet sent
 
+    @property
+    def entries_listed(self) -> int:
+        """STATs sent so far (the next entry's id)."""
+        return self._next_id
+
     # -- outgoing ---------------------------------------------------------
     def stat(self, stat: Stat) -> Packet:
         if self.state is not SenderState.LISTING:

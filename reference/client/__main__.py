@@ -7,7 +7,7 @@ import json
 import sys
 
 from ..errors import SessionError
-from .build import BuildError, Output, PlainProgress, build
+from .build import Output, build, progress_for
 
 
 def _pairs(values: list[str], what: str) -> dict[str, str]:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
     args = parser.parse_args(argv)
 
-    progress = None if args.progress == "quiet" else PlainProgress(sys.stderr)
+    progress = progress_for(args.progress, sys.stderr)
     try:
         result = build(
             args.context,

@@ -296,3 +296,49 @@ class PlainProgress:
             for line in log.msg.decode("utf-8", "replace").splitlines():
                 self.out.write(f"#{self._n(log.vertex)} {line}\n")
         self.out.flush()
+
+
+class LiveProgress:
+    """``--progress auto`` on a terminal: one line per vertex, redrawn in place."""
+
+    def __init__(self, out: TextIO = sys.stderr):
+        self.out = out
+        self.vertices: dict[str, dict] = {}
+        self.drawn = 0
+        self.t0 = time.monotonic()
+
+    def __call__(self, status: StatusResponse) -> None:
+        for v in status.vertexes:
+            entry = self.vertices.setdefault(v.digest, {"name": v.name, "state": "", "started": None})
+            if v.HasField("started") and entry["started"] is None:
+                entry["started"] = time.monotonic()
+            if v.error:
+                entry["state"] = "ERROR: " + v.error
+            elif v.cached:
+                entry["state"] = "CACHED"
+            elif v.HasField("completed"):
+                entry["state"] = f"{(v.completed.ToNanoseconds() - v.started.ToNanoseconds()) / 1e9:.1f}s"
+        for s in status.statuses:
+            entry = self.vertices.get(s.vertex)
+            if entry is not None and s.total and not entry["state"].endswith("s"):
+                entry["state"] = f"{s.current}/{s.total}"
+        self._draw()
+
+    def _draw(self) -> None:
+        lines = [f"[+] Building {time.monotonic() - self.t0:.1f}s"]
+        for entry in self.vertices.values():
+            lines.append(f" => {entry['name'][:70]:<70} {entry['state'] or '...'}")
+        if self.drawn:
+            self.out.write(f"\x1b[{self.drawn}F")
+        self.out.write("".join(f"\x1b[2K{line}\n" for line in lines))
+        self.out.flush()
+        self.drawn = len(lines)
+
+
+def progress_for(mode: str, out: TextIO = sys.stderr):
+    """The progress callback for ``--progress auto|plain|quiet``, like ``docker build``."""
+    if mode == "quiet":
+        return None
+    if mode == "auto" and out.isatty() and os.environ.get("TERM") != "dumb":
+        return LiveProgress(out)
+    return PlainProgress(out)

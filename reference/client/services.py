@@ -238,7 +238,7 @@ def send_tree(stream: RpcStream, root: str, entry_filter, owner, record: StreamS
         stream.send(sender.error(str(exc)).SerializeToString())
         stream.flush()
         raise RpcError(StatusCode.UNKNOWN, str(exc)) from None
-    record.stats_sent = sender._next_id
+    record.stats_sent = sender.entries_listed
     batch.append(sender.end_listing().SerializeToString())
     stream.send_many(batch)
     stream.flush()
