@@ -1,0 +1,71 @@
+"""``python -m benchmarks.clientprobe --transport T --out FILE CONTEXT``: our client, timing a daemon vertex.
+
+Runs the same ``reference.client.build.build()`` that ``python -m
+reference.client build`` runs, with a progress handler that keeps each
+vertex's *latest* state the way the docker CLI's progress display does (a later
+update replaces an earlier one, except that an update without ``started`` does
+not erase a known start).  BuildKit may report a vertex as started and
+completed more than once (a short first phase, then the real work); the final
+``completed - started`` is what the CLI prints as ``#N DONE x.xs``.
+
+Writes JSON: the image id, and per vertex name its final started/completed
+(seconds, daemon clock) plus every update seen for ``[internal] load build context``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+LOAD_CONTEXT = "[internal] load build context"
+
+
+class VertexTimes:
+    def __init__(self) -> None:
+        self.latest: dict[str, dict] = {}  # digest -> {"name", "started", "completed"}
+        self.context_updates: list[tuple[float | None, float | None]] = []
+
+    def __call__(self, status) -> None:
+        for v in status.vertexes:
+            started = v.started.ToNanoseconds() / 1e9 if v.HasField("started") else None
+            completed = v.completed.ToNanoseconds() / 1e9 if v.HasField("completed") else None
+            prev = self.latest.get(v.digest)
+            if prev is not None and prev["started"] is not None and started is None:
+                continue
+            self.latest[v.digest] = {"name": v.name, "started": started, "completed": completed,
+                                     "cached": v.cached}
+            if v.name == LOAD_CONTEXT:
+                self.context_updates.append((started, completed))
+
+    def by_name(self) -> dict[str, dict]:
+        return {entry["name"]: entry for entry in self.latest.values()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.clientprobe")
+    parser.add_argument("context")
+    parser.add_argument("--transport", choices=["h2", "grpcio"], default="h2")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    from reference.client.build import build
+
+    times = VertexTimes()
+    result = build(args.context, transport=args.transport, progress=times)
+    vertexes = times.by_name()
+    context = vertexes.get(LOAD_CONTEXT)
+    seconds = None
+    if context and context["started"] is not None and context["completed"] is not None:
+        seconds = context["completed"] - context["started"]
+    with open(args.out, "w") as fh:
+        json.dump({"image_id": result.image_id, "load_context_seconds": seconds, "vertexes": vertexes,
+                   "context_updates": times.context_updates, "client": result.stats_json()}, fh, indent=1)
+    if result.image_id is None:
+        print("error: the build produced no image id", file=sys.stderr)
+        return 1
+    print(result.image_id)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
