@@ -50,7 +50,10 @@ class TreeApplier:
         self._staging_path = staging or os.path.join(parent, f".{name}.incoming-{uuid.uuid4().hex[:12]}")
         self._staging_fd: int | None = None
         self._dir_fds: dict[str, int] = {}
-        self._open_files: dict[int, tuple[int, str, str, Stat]] = {}  # id -> (fd, tmp name, path, stat)
+        # requested files: id -> [fd or None, tmp name, path, stat]; the staging file is
+        # opened at the first DATA, so a listing of many files holds few descriptors
+        self._open_files: dict[int, list] = {}
+        self._pending_paths: set[str] = set()
         self._waiting_links: dict[str, list[tuple[str, Stat]]] = {}  # target -> [(link path, stat)]
         self._dir_metadata: list[tuple[str, Stat]] = []
         self._touched_dirs: set[str] = set()  # directories whose entries we changed
@@ -85,9 +88,7 @@ class TreeApplier:
         """
         if self._open_files:
             raise ApplyError(f"{len(self._open_files)} files still incomplete")
-        if self._waiting_links:
-            missing = ", ".join(sorted(self._waiting_links))
-            raise ApplyError(f"hardlinks to files that never arrived: {missing}")
+        self._check_no_waiting_links()
         scheduled = {path for path, _ in self._dir_metadata}
         for path in self._touched_dirs - scheduled:
             stat = directories.get(path)
@@ -100,6 +101,11 @@ class TreeApplier:
         self._dir_metadata.clear()
         self.close()
 
+    def _check_no_waiting_links(self) -> None:
+        if self._waiting_links:
+            missing = ", ".join(sorted(self._waiting_links))
+            raise ApplyError(f"hardlinks to files that never arrived: {missing}")
+
     def abort(self) -> None:
         """Drop files in transit; what was complete stays, the rest stays old."""
         self.close()
@@ -109,8 +115,10 @@ class TreeApplier:
             return
         self._closed = True
         for fd, *_ in self._open_files.values():
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
         self._open_files.clear()
+        self._pending_paths.clear()
         for fd in self._dir_fds.values():
             os.close(fd)
         self._dir_fds.clear()
@@ -205,9 +213,8 @@ class TreeApplier:
             self._dir_metadata.append((path, stat))
             return
         if action.file_id is not None:
-            tmp = self._tmp_name()
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=self._staging())
-            self._open_files[action.file_id] = (fd, tmp, path, stat)
+            self._open_files[action.file_id] = [None, self._tmp_name(), path, stat]
+            self._pending_paths.add(path)
             return
         tmp = self._tmp_name()
         staging = self._staging()
@@ -231,7 +238,13 @@ class TreeApplier:
         self._move_into_place(tmp, parent_fd, name, path)
 
     def _link_waits_for(self, target: str) -> bool:
-        return any(p == target for _, _, p, _ in self._open_files.values())
+        return target in self._pending_paths
+
+    def _staging_file(self, entry: list) -> int:
+        if entry[0] is None:
+            entry[0] = os.open(entry[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                               dir_fd=self._staging())
+        return entry[0]
 
     def _link(self, path: str, stat: Stat) -> None:
         target_parent, target_name = self._parent(stat.linkname)
@@ -244,14 +257,17 @@ class TreeApplier:
         self._move_into_place(tmp, parent_fd, name, path)
 
     def _write(self, file_id: int, chunk: bytes) -> None:
-        fd = self._open_files[file_id][0]
+        fd = self._staging_file(self._open_files[file_id])
         view = memoryview(chunk)
         while view:
             view = view[os.write(fd, view) :]
         self.bytes_written += len(chunk)
 
     def _complete(self, file_id: int) -> None:
-        fd, tmp, path, stat = self._open_files.pop(file_id)
+        entry = self._open_files.pop(file_id)
+        fd = self._staging_file(entry)
+        _, tmp, path, stat = entry
+        self._pending_paths.discard(path)
         try:
             self._set_metadata_fd(fd, stat)
         finally:

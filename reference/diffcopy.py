@@ -298,7 +298,9 @@ class DiffCopyReceiver:
         self.merge = merge
         self._filter = stat_filter
         self._validator = ListingValidator()
-        self._previous: Iterator[Stat] = iter(() if merge else previous)
+        # Taken whole now: a lazy walk of the destination would see the entries
+        # this very transfer writes and diff them away.
+        self._previous: Iterator[Stat] = iter(() if merge else list(previous))
         self._pending_old: Stat | None = next(self._previous, None)
         self._removed_dirs: list[str] = []  # old directories already deleted or replaced
         self._next_id = 0
@@ -440,51 +442,61 @@ class DiffCopyReceiver:
 
 
 def transfer_in_memory(
-    stats: Sequence[Stat],
+    stats: Iterable[Stat],
     read_file: Callable[[str], Iterable[bytes]],
     receiver: DiffCopyReceiver,
     apply: Callable[[ReceiverAction], None],
     *,
     encode: bool = True,
-) -> list[str]:
+    transcript: list[str] | None = None,
+) -> None:
     """Run a sender and a receiver against each other in one thread.
 
     Packets go through real protobuf encoding when ``encode`` is true, so the
-    pair exercises exactly what crosses the wire.  Returns the transcript.
+    pair exercises exactly what crosses the wire.  A requested file's data is
+    produced lazily and handed to the receiver chunk by chunk, so memory stays
+    at one chunk however large the tree.  Pass a list as ``transcript`` to get
+    one line per packet ("> " towards the receiver, "< " towards the sender).
     """
+    from collections import deque
+
     sender = DiffCopySender()
-    transcript: list[str] = []
-    to_receiver: list[Packet] = [sender.stat(s) for s in stats]
-    to_receiver.append(sender.end_listing())
-
-    def wire(packet: Packet) -> Packet:
-        return Packet.FromString(packet.SerializeToString()) if encode else packet
-
-    to_sender: list[Packet] = []
+    to_sender: deque[Packet] = deque()
     done = False
-    while not done:
-        if not to_receiver and not to_sender:
-            raise ProtocolError("transfer stalled: nothing left to send on either side")
-        for packet in to_receiver:
-            packet = wire(packet)
+
+    def deliver(packet: Packet) -> None:
+        nonlocal done
+        if encode:
+            packet = Packet.FromString(packet.SerializeToString())
+        if transcript is not None:
             transcript.append("> " + describe(packet))
-            for action in receiver.receive(packet):
-                if isinstance(action, SendPacket):
-                    to_sender.append(action.packet)
-                elif isinstance(action, TransferComplete):
-                    done = True
-                else:
-                    apply(action)
-        to_receiver = []
-        for packet in to_sender:
-            packet = wire(packet)
-            transcript.append("< " + describe(packet))
-            event = sender.receive(packet)
-            if isinstance(event, FileRequested):
-                for chunk in read_file(event.path):
-                    to_receiver.append(sender.data(event.file_id, chunk))
-                to_receiver.append(sender.end_file(event.file_id))
+        for action in receiver.receive(packet):
+            if isinstance(action, SendPacket):
+                to_sender.append(action.packet)
+            elif isinstance(action, TransferComplete):
+                done = True
             else:
-                to_receiver.append(sender.fin())
-        to_sender = []
-    return transcript
+                apply(action)
+
+    def serve(packet: Packet) -> None:
+        if encode:
+            packet = Packet.FromString(packet.SerializeToString())
+        if transcript is not None:
+            transcript.append("< " + describe(packet))
+        event = sender.receive(packet)
+        if isinstance(event, FileRequested):
+            for chunk in read_file(event.path):
+                deliver(sender.data(event.file_id, chunk))
+            deliver(sender.end_file(event.file_id))
+        else:
+            deliver(sender.fin())
+
+    for stat in stats:
+        deliver(sender.stat(stat))
+        while to_sender:  # answer REQs as they come, like fsutil's concurrent sender
+            serve(to_sender.popleft())
+    deliver(sender.end_listing())
+    while not done:
+        if not to_sender:
+            raise ProtocolError("transfer stalled: nothing left to send on either side")
+        serve(to_sender.popleft())

@@ -30,18 +30,22 @@ def sync_directories(
     entry_filter: EntryFilter | None = None,
     merge: bool = False,
     chown: bool | None = None,
+    keep_transcript: bool = False,
 ) -> SyncResult:
     """Make ``destination`` equal to ``source`` (or merge into it), sending only changes."""
-    stats = list(walk(source, entry_filter=entry_filter, owner=owner))
-    previous = walk(destination) if (not merge and os.path.isdir(destination)) else ()
+    stats = walk(source, entry_filter=entry_filter, owner=owner)
+    # the diff ignores xattrs (fsutil's sameFile), so the old tree is walked without them
+    previous = walk(destination, with_xattrs=False) if (not merge and os.path.isdir(destination)) else ()
     receiver = DiffCopyReceiver(previous, merge=merge)
     applier = TreeApplier(destination, chown=chown)
+    transcript: list[str] | None = [] if keep_transcript else None
     try:
-        transcript = transfer_in_memory(
-            stats, lambda path: read_chunks(os.path.join(source, path)), receiver, applier.apply
+        transfer_in_memory(
+            stats, lambda path: read_chunks(os.path.join(source, path)), receiver, applier.apply,
+            transcript=transcript,
         )
     except BaseException:
         applier.abort()
         raise
     applier.finish(receiver.directories)
-    return SyncResult(receiver.requested, applier.files_written, applier.bytes_written, transcript)
+    return SyncResult(receiver.requested, applier.files_written, applier.bytes_written, transcript or [])

@@ -276,8 +276,12 @@ class PlainProgress:
     def __call__(self, status: StatusResponse) -> None:
         for v in status.vertexes:
             n = self._n(v.digest)
-            if v.HasField("started") and v.digest not in self.started:
-                self.started[v.digest] = v.started.ToNanoseconds() / 1e9
+            started = v.started.ToNanoseconds() / 1e9 if v.HasField("started") else None
+            if started is not None and self.started.get(v.digest) != started:
+                # BuildKit 0.8 may complete a vertex and start it again (the context
+                # load does): the last completion is the real one
+                self.started[v.digest] = started
+                self.done.discard(v.digest)
                 self.out.write(f"#{n} {v.name}\n")
             if v.cached and v.digest not in self.done:
                 self.done.add(v.digest)
