@@ -1,0 +1,62 @@
+"""``python -m reference.daemon --host unix:///PATH --root DIR``"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from .config import DaemonConfig
+from .service import Daemon, RootInUse
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reference.daemon",
+                                     description="Reference daemon for the Docker client-session protocol")
+    parser.add_argument("--host", required=True, help="unix:///PATH or tcp://127.0.0.1:PORT")
+    parser.add_argument("--root", required=True, help="directory for the context cache and image store")
+    parser.add_argument("--generation", choices=["n", "n+1"], default="n+1",
+                        help="n: tarstream only; n+1: diffcopy, falling back to tarstream")
+    parser.add_argument("--transport", choices=["h2", "grpcio"], default="h2")
+    parser.add_argument("--stall-timeout", type=float, default=60.0,
+                        help="seconds a transfer may go without a message from the client")
+    parser.add_argument("--session-wait", type=float, default=5.0)
+    parser.add_argument("--health-interval", type=float, default=1.0)
+    parser.add_argument("--health-timeout", type=float, default=10.0)
+    parser.add_argument("--cache-max-size", type=int, default=512 << 20, help="bytes")
+    parser.add_argument("--cache-max-age", type=float, default=7 * 24 * 3600.0, help="seconds")
+    parser.add_argument("--gc-interval", type=float, default=300.0, help="seconds")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = DaemonConfig(
+        root=args.root, generation=args.generation, transport=args.transport,
+        stall_timeout=args.stall_timeout, session_wait=args.session_wait,
+        health_interval=args.health_interval, health_timeout=args.health_timeout,
+        cache_max_size=args.cache_max_size, cache_max_age=args.cache_max_age, gc_interval=args.gc_interval,
+    )
+    try:
+        daemon = Daemon(config, args.host)
+    except (RootInUse, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+    def stop(signum, frame):
+        daemon.close()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    logging.getLogger("reference.daemon").info(
+        "listening on %s (generation %s, transport %s)", daemon.server.bound_address, args.generation, args.transport)
+    print(f"listening on {daemon.server.bound_address}", flush=True)
+    try:
+        daemon.serve_forever()
+    finally:
+        daemon.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""Engine API routes: the subset the docker CLI 20.10 uses around ``docker build``.
+
+Every route answers with and without a ``/vX.Y`` prefix; versions outside
+1.12..1.41 are refused like dockerd does.  Unknown routes get dockerd's 404.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import re
+import sys
+import threading
+import time
+from dataclasses import asdict
+
+from .builder import BadRequest, Builder, BuildOptions, go_arch
+from .cache import ContextCache
+from .config import API_VERSION, ENGINE_VERSION, MIN_API_VERSION, DaemonConfig
+from .httpserver import ClientGone, Exchange, Request
+from .images import ImageNotFound, ImageStore
+from .progress import ProgressWriter
+from .sessions import SessionManager
+
+log = logging.getLogger("reference.daemon.api")
+
+_VERSION_PREFIX = re.compile(r"^/v([0-9]+(?:\.[0-9]+)?)(/.*)$")
+_IMAGE_JSON = re.compile(r"^/images/(.+)/json$")
+_IMAGE = re.compile(r"^/images/(.+)$")
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split("."))
+
+
+def default_headers() -> list[tuple[str, str]]:
+    return [("Server", f"Docker/{ENGINE_VERSION} (linux)"), ("Api-Version", API_VERSION), ("Ostype", "linux")]
+
+
+class EngineApi:
+    def __init__(self, config: DaemonConfig, sessions: SessionManager, cache: ContextCache,
+                 images: ImageStore, builder: Builder):
+        self.config = config
+        self.sessions = sessions
+        self.cache = cache
+        self.images = images
+        self.builder = builder
+        self.started_at = time.time()
+        self.requests_seen: list[str] = []  # "METHOD /path" of every request (the stats endpoint shows them)
+        self._lock = threading.Lock()
+
+    def __call__(self, request: Request, exchange: Exchange) -> None:
+        path = request.path
+        match = _VERSION_PREFIX.match(path)
+        if match:
+            version, path = match.group(1), match.group(2)
+            if _version_tuple(version) > _version_tuple(API_VERSION):
+                exchange.error(400, f"client version {version} is too new. Maximum supported API version is {API_VERSION}")
+                return
+            if _version_tuple(version) < _version_tuple(MIN_API_VERSION):
+                exchange.error(400, f"client version {version} is too old. Minimum supported API version is "
+                                    f"{MIN_API_VERSION}, please upgrade your client to a newer version")
+                return
+        with self._lock:
+            self.requests_seen.append(f"{request.method} {path}")
+            del self.requests_seen[:-500]
+        method = request.method
+        route = self._route(method, path)
+        if route is None:
+            exchange.error(404, "page not found")
+            return
+        handler, args = route
+        handler(request, exchange, *args)
+
+    def _route(self, method: str, path: str):
+        fixed = {
+            ("GET", "/_ping"): self.ping,
+            ("HEAD", "/_ping"): self.ping,
+            ("GET", "/version"): self.version,
+            ("GET", "/info"): self.info,
+            ("POST", "/session"): self.session,
+            ("POST", "/build"): self.build,
+            ("POST", "/build/prune"): self.build_prune,
+            ("POST", "/build/cancel"): self.build_cancel,
+            ("GET", "/system/df"): self.system_df,
+            ("GET", "/images/json"): self.images_list,
+            ("GET", "/_reference/stats"): self.stats,
+        }
+        handler = fixed.get((method, path))
+        if handler is not None:
+            return handler, ()
+        if method == "GET":
+            match = _IMAGE_JSON.match(path)
+            if match:
+                return self.image_inspect, (match.group(1),)
+        if method == "DELETE":
+            match = _IMAGE.match(path)
+            if match:
+                return self.image_delete, (match.group(1),)
+        return None
+
+    # -- system ---------------------------------------------------------------------
+    def ping(self, request: Request, exchange: Exchange) -> None:
+        exchange.respond(200, b"OK", "text/plain; charset=utf-8", [
+            ("Builder-Version", "2"),
+            ("Docker-Experimental", "true"),
+            ("Cache-Control", "no-cache, no-store, must-revalidate"),
+            ("Pragma", "no-cache"),
+        ])
+
+    def version(self, request: Request, exchange: Exchange) -> None:
+        kernel = platform.release()
+        details = {"ApiVersion": API_VERSION, "Arch": go_arch(), "BuildTime": "", "Experimental": "true",
+                   "GitCommit": "reference", "GoVersion": f"python{sys.version.split()[0]}",
+                   "KernelVersion": kernel, "MinAPIVersion": MIN_API_VERSION, "Os": "linux"}
+        exchange.json(200, {
+            "Platform": {"Name": "docker-session-conformance reference daemon"},
+            "Components": [
+                {"Name": "Engine", "Version": ENGINE_VERSION, "Details": details},
+                {"Name": "reference-daemon", "Version": f"0.1.0 ({self.config.generation})",
+                 "Details": {"Generation": self.config.generation, "Transport": self.config.transport}},
+            ],
+            "Version": ENGINE_VERSION,
+            "ApiVersion": API_VERSION,
+            "MinAPIVersion": MIN_API_VERSION,
+            "GitCommit": "reference",
+            "GoVersion": f"python{sys.version.split()[0]}",
+            "Os": "linux",
+            "Arch": go_arch(),
+            "KernelVersion": kernel,
+            "Experimental": True,
+            "BuildTime": "",
+        })
+
+    def info(self, request: Request, exchange: Exchange) -> None:
+        images = self.images.all_images()
+        exchange.json(200, {
+            "ID": "reference", "Containers": 0, "ContainersRunning": 0, "ContainersPaused": 0,
+            "ContainersStopped": 0, "Images": len(images), "Driver": "reference", "DriverStatus": [],
+            "OSType": "linux", "OperatingSystem": "docker-session-conformance reference daemon",
+            "Architecture": platform.machine(), "KernelVersion": platform.release(),
+            "ServerVersion": ENGINE_VERSION, "Name": platform.node(), "NCPU": os.cpu_count() or 1,
+            "MemTotal": 0, "ExperimentalBuild": True, "DockerRootDir": "", "Labels": [],
+            "Plugins": {"Volume": [], "Network": [], "Authorization": None, "Log": []},
+            "RegistryConfig": {"IndexConfigs": {}, "InsecureRegistryCIDRs": [], "Mirrors": []},
+            "SecurityOptions": [], "Warnings": None,
+        })
+
+    def system_df(self, request: Request, exchange: Exchange) -> None:
+        images = [self.images.summary(image) for image in self.images.all_images()]
+        exchange.json(200, {
+            "LayersSize": self.images.layers_size(),
+            "Images": images,
+            "Containers": [],
+            "Volumes": [],
+            "BuildCache": self.cache.records(),
+            "BuilderSize": 0,
+        })
+
+    def stats(self, request: Request, exchange: Exchange) -> None:
+        """Not Engine API: what the reference daemon did, for tests."""
+        with self.builder._records_lock:
+            builds = [asdict(r) for r in self.builder.records]
+        exchange.json(200, {
+            "builds": builds,
+            "sessions_active": len(self.sessions.active()),
+            "sessions_started": self.sessions.total_started,
+            "requests": list(self.requests_seen),
+            "threads": threading.active_count(),
+        })
+
+    # -- sessions and builds -------------------------------------------------------
+    def session(self, request: Request, exchange: Exchange) -> None:
+        self.sessions.handle(request, exchange)
+
+    def build(self, request: Request, exchange: Exchange) -> None:
+        try:
+            options = BuildOptions.from_request(request)
+        except BadRequest as exc:
+            exchange.error(400, str(exc))
+            return
+        exchange.start_stream(200, "application/json")
+        writer = ProgressWriter(exchange.write)
+        record = self.builder.run(options, writer, exchange.client_gone)
+        if not exchange.client_gone.is_set():
+            exchange.end()
+        elif record.error:
+            log.info("build %s ended: %s", options.build_id, record.error)
+
+    def build_prune(self, request: Request, exchange: Exchange) -> None:
+        filters = _filters(request)
+        older_than = None
+        for value in filters.get("until", []):
+            older_than = parse_duration(value)
+            if older_than is None:
+                exchange.error(400, f"invalid until filter {value!r}")
+                return
+        keep = request.param("keep-storage") or "0"
+        try:
+            keep_storage = int(float(keep))
+        except ValueError:
+            exchange.error(400, f"invalid keep-storage {keep!r}")
+            return
+        deleted, reclaimed = self.cache.prune(all=request.flag("all"), older_than=older_than,
+                                              keep_storage=keep_storage)
+        exchange.json(200, {"CachesDeleted": deleted or None, "SpaceReclaimed": reclaimed})
+
+    def build_cancel(self, request: Request, exchange: Exchange) -> None:
+        build_id = request.param("id", "") or ""
+        if not build_id:
+            exchange.error(400, "build ID not provided")
+            return
+        self.builder.cancel(build_id)
+        exchange.respond(200, b"", None)
+
+    # -- images -----------------------------------------------------------------------
+    def images_list(self, request: Request, exchange: Exchange) -> None:
+        exchange.json(200, [self.images.summary(image) for image in self.images.all_images()])
+
+    def image_inspect(self, request: Request, exchange: Exchange, name: str) -> None:
+        try:
+            image = self.images.get(name)
+        except ImageNotFound as exc:
+            exchange.error(404, str(exc))
+            return
+        exchange.json(200, self.images.inspect(image))
+
+    def image_delete(self, request: Request, exchange: Exchange, name: str) -> None:
+        try:
+            exchange.json(200, self.images.remove(name))
+        except ImageNotFound as exc:
+            exchange.error(404, str(exc))
+
+
+def _filters(request: Request) -> dict[str, list[str]]:
+    text = request.param("filters")
+    if not text:
+        return {}
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        return {}
+    out: dict[str, list[str]] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):  # {"until": {"24h": true}}
+            out[key] = [k for k, v in value.items() if v]
+        elif isinstance(value, list):
+            out[key] = [str(v) for v in value]
+    return out
+
+
+_DURATION_PART = re.compile(r"([0-9]*\.?[0-9]+)(ns|us|µs|ms|s|m|h)")
+_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float | None:
+    """Go ``time.ParseDuration`` (``24h``, ``1h30m``) or a unix timestamp; seconds ago."""
+    text = text.strip()
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)?", text):
+        return max(0.0, time.time() - float(text))
+    pos, total = 0, 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos:
+            return None
+        total += float(match.group(1)) * _UNIT[match.group(2)]
+        pos = match.end()
+    return total if pos == len(text) and pos else None

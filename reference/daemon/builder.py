@@ -1,0 +1,622 @@
+"""Build execution: the ``/build`` request from session lookup to exported result.
+
+BuildKit path (``version=2&remote=client-session``), transfers in dockerd's
+order and with its metadata: the ``dockerfile`` directory (followpaths
+``[name, name.dockerignore, "dockerfile" if name is "Dockerfile"]``), then
+``.dockerignore`` from ``context``, then ``context`` with ``exclude-patterns``.
+The 2017 path (``version=1``) takes the Dockerfile from the request body and
+syncs one unnamed directory.  Steps run into a root filesystem under
+``<root>/tmp``; the result is an image in the store, or an export to the
+client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import posixpath
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+from . import dockerfile as dfp
+from . import export, filesync
+from .cache import ContextCache, Lease
+from .config import DaemonConfig
+from .errors import BuildCancelled, BuildError, Redactor
+from .httpserver import ClientGone
+from .fsops import Copier, FsError, clean, extract_layer, resolve_in_root, source_digest, write_layer
+from .images import ImageStore, InvalidReference, normalize_tag, rfc3339_now
+from .progress import ProgressWriter, TraceEmitter, VertexProgress
+from .sessions import Session, SessionManager
+
+log = logging.getLogger("reference.daemon.builder")
+
+DEFAULT_PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+MAX_DOCKERFILE = 4 << 20
+
+
+class BadRequest(Exception):
+    """The /build request itself is invalid (HTTP 400 before anything runs)."""
+
+
+def go_arch() -> str:
+    machine = platform.machine().lower()
+    return {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386", "i386": "386"}.get(machine, machine)
+
+
+@dataclass
+class BuildOptions:
+    version: str
+    session_id: str
+    remote: str
+    dockerfile_name: str
+    tags: list[str]
+    build_args: dict[str, str | None]
+    labels: dict[str, str]
+    output: dict | None  # {"Type": ..., "Attrs": {...}}
+    target: str | None
+    build_id: str
+    dockerfile_body: bytes = b""
+    quiet: bool = False  # q=1: the image id alone, as a stream line (dockerd's postBuild)
+    no_cache: bool = False
+
+    @classmethod
+    def from_request(cls, request) -> "BuildOptions":
+        version = request.param("version", "1") or "1"
+        remote = request.param("remote", "") or ""
+        if version not in ("1", "2"):
+            raise BadRequest(f"unsupported builder version {version!r}")
+        if remote != "client-session":
+            raise BadRequest(f"remote {remote!r} is not supported by this daemon (use a client session)")
+        session_id = request.param("session", "") or ""
+        if not session_id:
+            raise BadRequest("a client session build needs the session parameter")
+        tags = request.params("t")
+        for tag in tags:
+            try:
+                normalize_tag(tag)
+            except InvalidReference as exc:
+                raise BadRequest(str(exc)) from None
+        build_args = _json_param(request, "buildargs", {})
+        labels = _json_param(request, "labels", {})
+        outputs = _json_param(request, "outputs", [])
+        if not isinstance(outputs, list) or len(outputs) > 1:
+            raise BadRequest("multiple outputs not supported")
+        output = outputs[0] if outputs else None
+        if output is not None:
+            kind = output.get("Type") if isinstance(output, dict) else None
+            if kind not in ("local", "tar", "image", "moby", "cacheonly"):
+                raise BadRequest(f"unsupported output type {kind!r} (local, tar, image)")
+            if kind in ("image", "moby"):
+                output = None
+        name = request.param("dockerfile", "") or "Dockerfile"
+        return cls(version, session_id, remote, posixpath.basename(name) if version == "2" else name, tags,
+                   build_args, labels, output, request.param("target") or None,
+                   request.param("buildid", "") or "", request.body, request.flag("q"),
+                   request.flag("nocache"))
+
+
+def _json_param(request, name: str, default):
+    text = request.param(name)
+    if not text:
+        return default
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise BadRequest(f"invalid {name} parameter: not JSON") from None
+
+
+@dataclass
+class BuildRecord:
+    build_id: str
+    session_id: str
+    version: str
+    protocol: str = ""
+    streams: list[dict] = field(default_factory=list)
+    export: dict | None = None
+    image_id: str | None = None
+    error: str = ""
+    started_at: float = field(default_factory=time.time)
+    seconds: float = 0.0
+
+
+@dataclass
+class Step:
+    text: str  # as shown in the vertex name, e.g. "COPY . /"
+    kind: str  # COPY | WORKDIR
+    sources: list[str] = field(default_factory=list)
+    dest: str = ""
+    workdir: str = "/"
+    chown: tuple[int, int] | None = None
+
+
+@dataclass
+class Plan:
+    steps: list[Step]
+    env: list[str]
+    labels: dict[str, str]
+    workdir: str
+    history: list[dict]
+
+
+class Builder:
+    def __init__(self, config: DaemonConfig, sessions: SessionManager, cache: ContextCache, images: ImageStore):
+        self.config = config
+        self.sessions = sessions
+        self.cache = cache
+        self.images = images
+        self.redact = Redactor(config.root)
+        self.records: list[BuildRecord] = []
+        self._records_lock = threading.Lock()
+        self._running: dict[str, threading.Event] = {}
+        self._stats_log = config.path("stats.jsonl")
+
+    # -- cancel -----------------------------------------------------------------
+    def cancel(self, build_id: str) -> bool:
+        with self._records_lock:
+            event = self._running.get(build_id)
+        if event is None:
+            return False
+        event.set()
+        return True
+
+    # -- entry point ------------------------------------------------------------
+    def run(self, options: BuildOptions, writer: ProgressWriter, cancelled: threading.Event) -> BuildRecord:
+        record = BuildRecord(options.build_id, options.session_id, options.version)
+        if options.build_id:
+            with self._records_lock:
+                self._running[options.build_id] = cancelled
+        started = time.monotonic()
+        workdir = self.config.path("tmp", hashlib.sha256(os.urandom(16)).hexdigest()[:16])
+        leases: list[Lease] = []
+        error = None
+        try:
+            os.makedirs(os.path.join(workdir, "rootfs"), mode=0o755)
+            if options.version == "2":
+                self._run_v2(options, writer, cancelled, record, workdir, leases)
+            else:
+                self._run_v1(options, writer, cancelled, record, workdir, leases)
+        except BuildError as exc:
+            error = record.error = self.redact(str(exc))
+        except ClientGone:
+            record.error = "the client went away"
+            cancelled.set()
+        except Exception as exc:  # a bug: still end the build with a message
+            log.exception("build %s failed", options.build_id)
+            error = record.error = self.redact(f"internal error: {exc}")
+        finally:
+            for lease in leases:
+                lease.release()
+            # removing a large tree takes seconds: not on the client's time
+            threading.Thread(target=shutil.rmtree, args=(workdir,), kwargs={"ignore_errors": True},
+                             name="build-cleanup", daemon=True).start()
+            record.seconds = time.monotonic() - started
+            with self._records_lock:
+                self._running.pop(options.build_id, None)
+                self.records.append(record)
+                del self.records[:-200]
+            self._log_record(record)
+        # the record is stored before the client learns the outcome
+        if error is not None:
+            try:
+                writer.error(error)
+            except ClientGone:
+                pass
+        try:
+            self.cache.gc()
+        except OSError:
+            log.exception("cache gc failed")
+        return record
+
+    def _log_record(self, record: BuildRecord) -> None:
+        try:
+            with open(self._stats_log, "a") as fh:
+                fh.write(json.dumps(asdict(record)) + "\n")
+        except OSError:
+            pass
+
+    # -- BuildKit path ----------------------------------------------------------
+    def _run_v2(self, options, writer, cancelled, record, workdir, leases) -> None:
+        trace = TraceEmitter(writer, options.build_id or os.urandom(8).hex())
+        name = options.dockerfile_name
+        vertex = trace.vertex(f"[internal] load build definition from {name}").start()
+        try:
+            session = self.sessions.get(options.session_id, cancelled=cancelled)
+            protocol = filesync.negotiate(session, self.config.protocols, self.config.forced_protocol)
+            record.protocol = protocol
+            followpaths = [name, name + ".dockerignore"] + (["dockerfile"] if name == "Dockerfile" else [])
+            df_lease = self._acquire(session, "dockerfile", "dockerfile", leases)
+            self._sync(session, protocol, filesync.SyncRequest("dockerfile", followpaths=followpaths),
+                       df_lease, vertex, "dockerfile", cancelled, record)
+            text = _read_small(df_lease.tree, name, "Dockerfile", required=True)
+            override_ignore = _read_small(df_lease.tree, name + ".dockerignore", ".dockerignore")
+            vertex.done()
+        except BuildError as exc:
+            vertex.fail(self.redact(str(exc)))
+            raise BuildError(f"failed to solve with frontend dockerfile.v0: failed to read dockerfile: {exc}") from None
+
+        vertex = trace.vertex("[internal] load .dockerignore").start()
+        try:
+            ignore_lease = self._acquire(session, "context", "context-.dockerignore", leases)
+            self._sync(session, protocol, filesync.SyncRequest("context", followpaths=[".dockerignore"]),
+                       ignore_lease, vertex, "context", cancelled, record)
+            ignore = override_ignore if override_ignore is not None else _read_small(
+                ignore_lease.tree, ".dockerignore", ".dockerignore")
+            excludes = parse_dockerignore(ignore) if ignore is not None else []
+            vertex.done()
+        except BuildError as exc:
+            vertex.fail(self.redact(str(exc)))
+            raise BuildError(f"failed to solve with frontend dockerfile.v0: failed to read .dockerignore: {exc}") from None
+        for lease in (df_lease, ignore_lease):
+            lease.release()
+
+        try:
+            plan = plan_build(text.decode("utf-8", "replace"), options)
+        except dfp.DockerfileError as exc:
+            raise BuildError(f"failed to solve with frontend dockerfile.v0: failed to create LLB definition: {exc}") from None
+
+        context_tree = None
+        if any(step.kind == "COPY" for step in plan.steps):
+            vertex = trace.vertex("[internal] load build context").start()
+            try:
+                context_lease = self._acquire(session, "context", "context", leases)
+                self._sync(session, protocol, filesync.SyncRequest("context", exclude_patterns=excludes),
+                           context_lease, vertex, "context", cancelled, record)
+                context_tree = context_lease.tree
+                vertex.done()
+            except BuildError as exc:
+                vertex.fail(self.redact(str(exc)))
+                raise BuildError(f"failed to solve with frontend dockerfile.v0: failed to load build context: {exc}") from None
+
+        rootfs = os.path.join(workdir, "rootfs")
+        # exports need the whole tree on disk; an image only needs the layers, so steps may be cached
+        runner = StepRunner(self, context_tree, rootfs, workdir,
+                            use_cache=options.output is None and not options.no_cache)
+        previous = []
+        for index, step in enumerate(plan.steps, 1):
+            vertex = trace.vertex(f"[{index}/{len(plan.steps)}] {step.text}", previous).start()
+            try:
+                _check(session, cancelled)
+                cached = runner.run(index, step)
+                vertex.done(cached=cached)
+            except (BuildError, FsError) as exc:
+                vertex.fail(self.redact(str(exc)))
+                raise BuildError(f"failed to solve with frontend dockerfile.v0: failed to build: {exc}") from None
+            previous = [vertex.digest]
+        layers = runner.layers
+
+        if options.output is not None and options.output.get("Type") in ("local", "tar"):
+            vertex = trace.vertex("exporting to client", previous).start()
+            try:
+                _check(session, cancelled)
+                kind = options.output["Type"]
+                run = export.export_local if kind == "local" else export.export_tar
+                result = run(session, rootfs, cancelled=cancelled, stall_timeout=self.config.stall_timeout,
+                             progress=lambda n: vertex.status("copying files", n))
+                record.export = asdict(result)
+                vertex.done()
+            except BuildError as exc:
+                vertex.fail(self.redact(str(exc)))
+                raise BuildError(f"failed to solve: {exc}") from None
+            return
+        if options.output is not None:  # cacheonly: nothing to export
+            return
+        vertex = trace.vertex("exporting to image", previous).start()
+        vertex.status("exporting layers", 0, completed=True)
+        image_id = self._commit(plan, layers, options)
+        vertex.status(f"writing image {image_id}", 0, completed=True)
+        for tag in options.tags:
+            self.images.tag(image_id, tag)
+            vertex.status(f"naming to docker.io/library/{normalize_tag(tag)}"
+                          if "/" not in tag else f"naming to {normalize_tag(tag)}", 0, completed=True)
+        vertex.done()
+        record.image_id = image_id
+        writer.aux("moby.image.id", {"ID": image_id})
+        if options.quiet:
+            writer.stream(image_id + "\n")
+
+    def _acquire(self, session: Session, dir_name: str, purpose: str, leases: list[Lease]) -> Lease:
+        lease = self.cache.acquire(session.shared_key, dir_name, purpose)
+        leases.append(lease)
+        return lease
+
+    def _sync(self, session, protocol, request, lease, vertex: VertexProgress | None, label, cancelled, record) -> None:
+        status = f"transferring {label}:"
+        lease.begin_sync()
+        try:
+            result = filesync.sync(
+                session, protocol, request, lease.tree, cancelled=cancelled,
+                stall_timeout=self.config.stall_timeout,
+                progress=(lambda n: vertex.status(status, n)) if vertex is not None else None,
+            )
+        except BuildError as exc:
+            record.streams.append({"dir_name": request.dir_name, "protocol": protocol,
+                                   "metadata": request.metadata(), "error": self.redact(str(exc))})
+            raise BuildError(self.redact(str(exc))) from None
+        lease.sync_complete()
+        record.streams.append(asdict(result))
+        if vertex is not None:
+            vertex.status(status, result.bytes_received, completed=True)
+
+    def _run_step(self, step: Step, context_tree: str | None, rootfs: str, workdir: str, index: int) -> dict:
+        copier = Copier(context_tree or rootfs, rootfs, step.chown)
+        try:
+            if step.kind == "COPY":
+                copier.copy(step.sources, step.dest, step.workdir)
+            else:
+                copier.mkdir_all(step.dest)
+        except FsError:
+            raise
+        except OSError as exc:
+            raise BuildError(f"{step.text}: {exc.strerror or exc}") from None
+        if not copier.changed:
+            return {"step": step.text, "diff_id": None, "size": 0}
+        tar_path = os.path.join(workdir, f"layer-{index}.tar")
+        diff_id, size = write_layer(rootfs, copier.changed, tar_path)
+        self.images.add_layer(tar_path, diff_id)
+        return {"step": step.text, "diff_id": diff_id, "size": size}
+
+    def _commit(self, plan: Plan, layers: list[dict], options: BuildOptions) -> str:
+        diff_ids = [layer["diff_id"] for layer in layers if layer["diff_id"]]
+        image_config: dict = {"Env": plan.env}
+        if plan.workdir != "/":
+            image_config["WorkingDir"] = plan.workdir
+        labels = dict(plan.labels)
+        labels.update({k: v for k, v in options.labels.items() if isinstance(v, str)})
+        if labels:
+            image_config["Labels"] = labels
+        history = []
+        layer_iter = iter(layers)
+        for entry in plan.history:
+            item = {"created_by": entry["created_by"], "comment": "buildkit.dockerfile.v0"}
+            if entry["layer"]:
+                layer = next(layer_iter)
+                if not layer["diff_id"]:
+                    item["empty_layer"] = True
+            else:
+                item["empty_layer"] = True
+            history.append(item)
+        config = {
+            "architecture": go_arch(),
+            "os": "linux",
+            "config": image_config,
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+            "history": history,
+        }
+        build_key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+        created = rfc3339_now()
+        config["created"] = created
+        for item in history:
+            item["created"] = created
+        return self.images.add_image(config, build_key)
+
+    # -- 2017 path -------------------------------------------------------------
+    def _run_v1(self, options, writer, cancelled, record, workdir, leases) -> None:
+        if len(options.dockerfile_body) > MAX_DOCKERFILE:
+            raise BuildError("the Dockerfile in the request body is too large")
+        try:
+            plan = plan_build(options.dockerfile_body.decode("utf-8", "replace"), options)
+        except dfp.DockerfileError as exc:
+            raise BuildError(str(exc)) from None
+        session = self.sessions.get(options.session_id, cancelled=cancelled)
+        protocol = filesync.negotiate(session, self.config.protocols, self.config.forced_protocol)
+        record.protocol = protocol
+        say = (lambda text: None) if options.quiet else writer.stream
+        say("Sending build context to Docker daemon over the client session\n")
+        lease = self._acquire(session, "", "legacy", leases)
+        self._sync(session, protocol, filesync.SyncRequest(None), lease, None, "context", cancelled, record)
+        rootfs = os.path.join(workdir, "rootfs")
+        runner = StepRunner(self, lease.tree, rootfs, workdir, use_cache=not options.no_cache)
+        total = len(plan.history)
+        steps = iter(plan.steps)
+        for index, entry in enumerate(plan.history, 1):
+            say(f"Step {index}/{total} : {entry['created_by']}\n")
+            if entry["layer"]:
+                step = next(steps)
+                _check(session, cancelled)
+                try:
+                    if runner.run(index, step):
+                        say(" ---> Using cache\n")
+                except FsError as exc:
+                    raise BuildError(str(exc)) from None
+        image_id = self._commit(plan, runner.layers, options)
+        record.image_id = image_id
+        writer.aux(None, {"ID": image_id})
+        for tag in options.tags:
+            self.images.tag(image_id, tag)
+        if options.quiet:
+            writer.stream(image_id + "\n")
+            return
+        writer.stream(f"Successfully built {image_id.split(':', 1)[1][:12]}\n")
+        for tag in options.tags:
+            writer.stream(f"Successfully tagged {normalize_tag(tag)}\n")
+
+
+class StepRunner:
+    """Runs a stage's steps into ``rootfs``; with ``use_cache`` a step whose inputs are
+    unchanged reuses its earlier layer (BuildKit's CACHED) and the tree is rebuilt
+    from layers only when a later step has to run for real."""
+
+    def __init__(self, builder: "Builder", context_tree: str | None, rootfs: str, workdir: str, *, use_cache: bool):
+        self.builder = builder
+        self.context_tree = context_tree
+        self.rootfs = rootfs
+        self.workdir = workdir
+        self.use_cache = use_cache
+        self.layers: list[dict] = []
+        self._in_rootfs = 0  # how many of ``layers`` the tree on disk reflects
+        self._key = hashlib.sha256(b"FROM scratch").hexdigest()
+
+    def _step_key(self, step: Step) -> str:
+        spec = json.dumps([step.kind, step.sources, step.dest, step.workdir, step.chown])
+        inputs = source_digest(self.context_tree, step.sources) if step.kind == "COPY" and self.context_tree else ""
+        return hashlib.sha256(f"{self._key}\n{spec}\n{inputs}".encode()).hexdigest()
+
+    def run(self, index: int, step: Step) -> bool:
+        """Run (or reuse) one step; True when it came from the cache."""
+        images = self.builder.images
+        key = self._step_key(step) if self.use_cache else None
+        if key is not None:
+            hit = images.cached_step(key)
+            if hit is not None:
+                self.layers.append({"step": step.text, **hit})
+                self._key = key
+                return True
+        for layer in self.layers[self._in_rootfs:]:  # catch the tree up with cached steps
+            if layer["diff_id"]:
+                extract_layer(images.layer_path(layer["diff_id"]), self.rootfs)
+        layer = self.builder._run_step(step, self.context_tree, self.rootfs, self.workdir, index)
+        self.layers.append(layer)
+        self._in_rootfs = len(self.layers)
+        if key is not None:
+            images.remember_step(key, layer["diff_id"], layer["size"])
+            self._key = key
+        return False
+
+
+def _check(session: Session, cancelled: threading.Event) -> None:
+    if cancelled.is_set():
+        raise BuildCancelled()
+    session.check_alive()
+
+
+def _read_small(tree: str, name: str, what: str, *, required: bool = False) -> bytes | None:
+    """A file from a synced tree (symlinks resolved inside the tree)."""
+    path = resolve_in_root(tree, name)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        if required:
+            raise BuildError(f"open {name}: no such file or directory") from None
+        return None
+    except OSError as exc:
+        raise BuildError(f"open {name}: {exc.strerror}") from None
+    try:
+        data = os.read(fd, MAX_DOCKERFILE + 1)
+    except IsADirectoryError:
+        raise BuildError(f"read {name}: is a directory") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_DOCKERFILE:
+        raise BuildError(f"{what} is larger than {MAX_DOCKERFILE} bytes")
+    return data
+
+
+def parse_dockerignore(data: bytes) -> list[str]:
+    from ..patterns import parse_dockerignore as parse
+
+    try:
+        return parse(data)
+    except ValueError as exc:
+        raise BuildError(f"invalid .dockerignore: {exc}") from None
+
+
+def plan_build(text: str, options: BuildOptions) -> Plan:
+    """Evaluate the target stage into steps and image metadata; reject what we cannot build."""
+    parsed = dfp.parse(text)
+    lex = dfp.ShellLex(parsed.escape)
+    build_args = {k: v for k, v in options.build_args.items() if v is not None}
+    global_scope: dict[str, str] = {}
+    for inst in parsed.global_args:
+        for name, default in _arg_pairs(inst):
+            value = build_args.get(name, lex.word(default, global_scope) if default is not None else None)
+            if value is not None:
+                global_scope[name] = value
+    stage = parsed.target(options.target)
+    base = lex.word(stage.base, global_scope)
+    if base.lower() != "scratch":
+        raise dfp.DockerfileError(
+            f"Dockerfile line {stage.line}: unsupported instruction FROM {base}: "
+            "this daemon builds only FROM scratch")
+    args: dict[str, str] = {}
+    env: dict[str, str] = {}
+    labels: dict[str, str] = {}
+    env_order = ["PATH"]
+    env["PATH"] = DEFAULT_PATH_ENV.split("=", 1)[1]
+    workdir = "/"
+    steps: list[Step] = []
+    history: list[dict] = []
+
+    def scope() -> dict[str, str]:
+        merged = dict(args)
+        merged.update(env)
+        return merged
+
+    for inst in stage.instructions:
+        command = inst.command
+        if command not in dfp.SUPPORTED or command == "FROM":
+            raise inst.fail(f"unsupported instruction {command}: this daemon supports "
+                            "FROM scratch, COPY, WORKDIR, ENV, LABEL and ARG")
+        if command == "ARG":
+            for name, default in _arg_pairs(inst):
+                if name in build_args:
+                    args[name] = build_args[name]
+                elif default is not None:
+                    args[name] = lex.word(default, scope())
+                elif name in global_scope:
+                    args[name] = global_scope[name]
+            history.append({"created_by": f"ARG {inst.rest}", "layer": False})
+        elif command == "ENV":
+            pairs = dfp.key_value_pairs(inst, lex, scope())
+            for key, value in pairs:
+                if key not in env:
+                    env_order.append(key)
+                env[key] = value
+            history.append({"created_by": "ENV " + " ".join(f"{k}={v}" for k, v in pairs), "layer": False})
+        elif command == "LABEL":
+            pairs = dfp.key_value_pairs(inst, lex, scope())
+            labels.update(pairs)
+            history.append({"created_by": "LABEL " + " ".join(f"{k}={v}" for k, v in pairs), "layer": False})
+        elif command == "WORKDIR":
+            if not inst.rest:
+                raise inst.fail("WORKDIR requires exactly one argument")
+            value = lex.word(inst.rest, scope())
+            workdir = clean(posixpath.join(workdir, value))
+            steps.append(Step(f"WORKDIR {value}", "WORKDIR", dest=workdir))
+            history.append({"created_by": f"WORKDIR {workdir}", "layer": True})
+        elif command == "COPY":
+            dfp.prepare(inst)
+            unknown = set(inst.flags) - {"chown"}
+            if unknown:
+                raise inst.fail(f"unsupported instruction COPY --{sorted(unknown)[0]}: "
+                                "only --chown is supported")
+            words = inst.json_args if inst.json_args is not None else lex.words(inst.rest, scope())
+            if inst.json_args is not None:
+                words = [lex.word(w, scope()) for w in words]
+            if len(words) < 2:
+                raise inst.fail("COPY requires at least two arguments")
+            chown = _parse_chown(inst, lex.word(inst.flags["chown"], scope())) if "chown" in inst.flags else None
+            steps.append(Step(f"COPY {inst.original.split(None, 1)[1]}", "COPY", words[:-1], words[-1],
+                              workdir, chown))
+            history.append({"created_by": f"COPY {' '.join(words)} # buildkit", "layer": True})
+    return Plan(steps, [f"{k}={env[k]}" for k in env_order], labels, workdir, history)
+
+
+def _arg_pairs(inst: dfp.Instruction) -> list[tuple[str, str | None]]:
+    pairs = []
+    for word in dfp.raw_words(inst.rest, "\\"):
+        name, eq, default = word.partition("=")
+        if not name:
+            raise inst.fail("ARG names can not be blank")
+        pairs.append((name, default if eq else None))
+    if not pairs:
+        raise inst.fail("ARG requires exactly one argument")
+    return pairs
+
+
+def _parse_chown(inst: dfp.Instruction, value: str) -> tuple[int, int]:
+    user, _, group = value.partition(":")
+    try:
+        uid = int(user)
+        gid = int(group) if group else uid
+    except ValueError:
+        raise inst.fail(f"unsupported --chown={value}: this daemon has no /etc/passwd "
+                        "in a scratch image; use numeric uid:gid") from None
+    if not (0 <= uid < 1 << 32 and 0 <= gid < 1 << 32):
+        raise inst.fail(f"invalid --chown={value}")
+    return uid, gid

@@ -1,0 +1,296 @@
+"""The persistent context cache: the daemon's copies of client directories.
+
+One entry per (shared key, dir-name, purpose) holds the tree as it was last
+synced; the next session with the same shared key diffs against it, so only
+changed files cross the wire (BuildKit keeps a mutable snapshot per shared key
+for the same reason).  Layout under ``<root>/cache``::
+
+    <id>/tree/       the synced tree
+    <id>/meta.json   key, sizes, times (replaced atomically)
+    <id>/complete    exists only while tree/ equals a full sync
+
+An entry is leased by one build at a time, from the sync through the last
+COPY that reads it; a concurrent build with the same key gets another entry
+(starting with an empty diff base) instead of waiting or sharing, so builds
+never see each other's half-synced trees.  The index is rebuilt from disk at
+start-up, so the cache survives a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import string
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+log = logging.getLogger("reference.daemon.cache")
+
+_ID_ALPHABET = string.digits + string.ascii_lowercase
+RECORD_TYPE = "source.local"
+
+
+def new_record_id() -> str:
+    """25 base-36 characters, the shape of BuildKit's record ids."""
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(25))
+
+
+def tree_size(path: str) -> int:
+    """Bytes used by the entries below ``path`` (lstat sizes, directories excluded)."""
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.{secrets.token_hex(4)}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class EntryMeta:
+    id: str
+    shared_key: str
+    dir_name: str
+    purpose: str
+    created_at: float
+    last_used_at: float
+    usage_count: int = 0
+    size: int = 0
+
+
+class CacheEntry:
+    def __init__(self, base: str, meta: EntryMeta, complete: bool):
+        self.base = base
+        self.meta = meta
+        self.complete = complete
+        self.in_use = False
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.meta.shared_key, self.meta.dir_name, self.meta.purpose)
+
+    @property
+    def tree(self) -> str:
+        return os.path.join(self.base, "tree")
+
+    @property
+    def marker(self) -> str:
+        return os.path.join(self.base, "complete")
+
+    def save_meta(self) -> None:
+        _write_atomic(os.path.join(self.base, "meta.json"), json.dumps(asdict(self.meta)).encode())
+
+
+class Lease:
+    """Exclusive use of one entry by one build."""
+
+    def __init__(self, cache: "ContextCache", entry: CacheEntry):
+        self._cache = cache
+        self.entry = entry
+        self.released = False
+
+    @property
+    def tree(self) -> str:
+        return self.entry.tree
+
+    @property
+    def id(self) -> str:
+        return self.entry.meta.id
+
+    def begin_sync(self) -> None:
+        """From here until :meth:`sync_complete` the tree is not a full copy."""
+        if self.entry.complete:
+            os.unlink(self.entry.marker)
+            _fsync_dir(self.entry.base)
+            self.entry.complete = False
+
+    def sync_complete(self) -> None:
+        entry = self.entry
+        entry.meta.size = tree_size(entry.tree)
+        entry.save_meta()
+        _write_atomic(entry.marker, b"complete\n")
+        entry.complete = True
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._cache._release(self.entry)
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class ContextCache:
+    def __init__(self, directory: str, *, max_size: int, max_age: float):
+        self.directory = directory
+        self.max_size = max_size
+        self.max_age = max_age
+        self._lock = threading.Lock()
+        self._entries: dict[str, CacheEntry] = {}
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self._load()
+
+    def _load(self) -> None:
+        for name in os.listdir(self.directory):
+            base = os.path.join(self.directory, name)
+            try:
+                with open(os.path.join(base, "meta.json")) as fh:
+                    meta = EntryMeta(**json.load(fh))
+                if meta.id != name:
+                    raise ValueError("id does not match the directory")
+            except (OSError, ValueError, TypeError) as exc:
+                log.warning("removing unreadable cache entry %s: %s", name, exc)
+                shutil.rmtree(base, ignore_errors=True)
+                continue
+            # staging left by an interrupted sync
+            for leftover in os.listdir(base):
+                if leftover.startswith(".tree.incoming-") or leftover.endswith(".tmp"):
+                    path = os.path.join(base, leftover)
+                    shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+            os.makedirs(os.path.join(base, "tree"), mode=0o755, exist_ok=True)
+            self._entries[name] = CacheEntry(base, meta, os.path.exists(os.path.join(base, "complete")))
+
+    # -- leases -------------------------------------------------------------
+    def acquire(self, shared_key: str, dir_name: str, purpose: str) -> Lease:
+        """The most recently used free entry for the key, or a new empty one."""
+        key = (shared_key, dir_name, purpose)
+        with self._lock:
+            candidates = [e for e in self._entries.values() if e.key == key and not e.in_use]
+            if candidates:
+                entry = max(candidates, key=lambda e: (e.complete, e.meta.last_used_at))
+            else:
+                now = time.time()
+                record_id = new_record_id()
+                base = os.path.join(self.directory, record_id)
+                os.makedirs(os.path.join(base, "tree"), mode=0o755)
+                entry = CacheEntry(base, EntryMeta(record_id, shared_key, dir_name, purpose, now, now), False)
+                entry.save_meta()
+                self._entries[record_id] = entry
+            entry.in_use = True
+            entry.meta.last_used_at = time.time()
+            entry.meta.usage_count += 1
+        return Lease(self, entry)
+
+    def _release(self, entry: CacheEntry) -> None:
+        with self._lock:
+            entry.in_use = False
+            entry.meta.last_used_at = time.time()
+            if entry.meta.id in self._entries:
+                try:
+                    entry.save_meta()
+                except OSError:
+                    pass
+
+    # -- usage, prune, gc -------------------------------------------------------
+    def records(self) -> list[dict]:
+        """BuildCache records for ``/system/df``."""
+        with self._lock:
+            entries = list(self._entries.values())
+        return [
+            {
+                "ID": e.meta.id,
+                "Parent": "",
+                "Type": RECORD_TYPE,
+                "Description": f"local source for {e.meta.dir_name or 'context'}",
+                "InUse": e.in_use,
+                "Shared": False,
+                "Size": e.meta.size,
+                "CreatedAt": _rfc3339(e.meta.created_at),
+                "LastUsedAt": _rfc3339(e.meta.last_used_at),
+                "UsageCount": e.meta.usage_count,
+            }
+            for e in sorted(entries, key=lambda e: e.meta.created_at)
+        ]
+
+    def total_size(self) -> int:
+        with self._lock:
+            return sum(e.meta.size for e in self._entries.values())
+
+    def prune(self, *, all: bool = True, older_than: float | None = None, keep_storage: int = 0) -> tuple[list[str], int]:
+        """Delete unused entries; returns (ids, bytes reclaimed).
+
+        Without ``all`` only dangling entries (never completed) go.
+        ``older_than`` (seconds) keeps entries used more recently than that;
+        ``keep_storage`` stops once the total is at most that many bytes.
+        """
+        now = time.time()
+        with self._lock:
+            victims = [e for e in self._entries.values() if not e.in_use]
+            if not all:
+                victims = [e for e in victims if not e.complete]
+            if older_than is not None:
+                victims = [e for e in victims if now - e.meta.last_used_at >= older_than]
+            victims.sort(key=lambda e: e.meta.last_used_at)
+            total = sum(e.meta.size for e in self._entries.values())
+            chosen = []
+            for entry in victims:
+                if keep_storage and total <= keep_storage:
+                    break
+                chosen.append(entry)
+                total -= entry.meta.size
+                del self._entries[entry.meta.id]
+        return self._delete(chosen)
+
+    def gc(self) -> tuple[list[str], int]:
+        """Drop unused entries older than ``max_age``, then the least recently
+        used until the total is at most ``max_size``."""
+        now = time.time()
+        with self._lock:
+            free = sorted((e for e in self._entries.values() if not e.in_use), key=lambda e: e.meta.last_used_at)
+            chosen = [e for e in free if now - e.meta.last_used_at > self.max_age]
+            total = sum(e.meta.size for e in self._entries.values()) - sum(e.meta.size for e in chosen)
+            for entry in free:
+                if total <= self.max_size:
+                    break
+                if entry not in chosen:
+                    chosen.append(entry)
+                    total -= entry.meta.size
+            for entry in chosen:
+                del self._entries[entry.meta.id]
+        return self._delete(chosen)
+
+    def _delete(self, entries: list[CacheEntry]) -> tuple[list[str], int]:
+        ids, reclaimed = [], 0
+        for entry in entries:
+            # rename first, so a crash never leaves a half-deleted entry that looks valid
+            trash = os.path.join(self.directory, f".deleting-{entry.meta.id}")
+            try:
+                os.rename(entry.base, trash)
+            except OSError:
+                trash = entry.base
+            shutil.rmtree(trash, ignore_errors=True)
+            ids.append(entry.meta.id)
+            reclaimed += entry.meta.size
+        return ids, reclaimed
+
+
+def _rfc3339(ts: float) -> str:
+    seconds = int(ts)
+    nanos = int((ts - seconds) * 1e9)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{nanos:09d}Z"

@@ -1,0 +1,72 @@
+"""The daemon as one object: root directory, components, listener, background GC."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import threading
+
+from .api import EngineApi, default_headers
+from .builder import Builder
+from .cache import ContextCache
+from .config import DaemonConfig
+from .httpserver import HttpServer
+from .images import ImageStore
+from .sessions import SessionManager
+
+log = logging.getLogger("reference.daemon")
+
+
+class RootInUse(RuntimeError):
+    pass
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig, host: str):
+        self.config = config
+        os.makedirs(config.root, mode=0o700, exist_ok=True)
+        # one daemon per root: the cache and image store are not shared between processes
+        self._lock_fd = os.open(config.path("daemon.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise RootInUse("another daemon is using this --root") from None
+        shutil.rmtree(config.path("tmp"), ignore_errors=True)  # build directories of a previous run
+        os.makedirs(config.path("tmp"), mode=0o700)
+        self.sessions = SessionManager(config)
+        self.cache = ContextCache(config.path("cache"), max_size=config.cache_max_size, max_age=config.cache_max_age)
+        self.images = ImageStore(config.path("images"))
+        self.builder = Builder(config, self.sessions, self.cache, self.images)
+        self.api = EngineApi(config, self.sessions, self.cache, self.images, self.builder)
+        self.server = HttpServer(host, self.api, default_headers=default_headers(), max_body=config.max_body)
+        self._stop = threading.Event()
+        self._gc_thread = threading.Thread(target=self._gc_loop, name="cache-gc", daemon=True)
+
+    def _gc_loop(self) -> None:
+        while not self._stop.wait(self.config.gc_interval):
+            try:
+                deleted, reclaimed = self.cache.gc()
+                if deleted:
+                    log.info("cache gc: removed %d entries, %d bytes", len(deleted), reclaimed)
+            except OSError:
+                log.exception("cache gc failed")
+
+    def start(self) -> "Daemon":
+        self._gc_thread.start()
+        self.server.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self._gc_thread.start()
+        self.server.serve_forever()
+
+    def close(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self.server.close()
+        self.sessions.close_all()
+        os.close(self._lock_fd)
