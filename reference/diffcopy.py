@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
 from . import filemode
-from .errors import PeerError, ProtocolError
+from .errors import PeerError, ProtocolError, ValidationError
 from .paths import ListingValidator, path_sort_key
 from .pb.fsutil_types_pb2 import Packet, Stat
 
@@ -275,6 +275,21 @@ def needs_data(stat: Stat) -> bool:
 
 StatFilter = Callable[[Stat], Stat | None]
 
+_KIND_BITS = (filemode.MODE_DIR, filemode.MODE_SYMLINK, filemode.MODE_NAMED_PIPE, filemode.MODE_DEVICE)
+_NEVER_SENT = (0o7000 | 0o170000 | filemode.MODE_APPEND | filemode.MODE_EXCLUSIVE | filemode.MODE_TEMPORARY
+               | filemode.MODE_IRREGULAR | filemode.MODE_SOCKET)
+
+
+def check_mode(path: str, mode: int) -> None:
+    """Reject a mode no Linux Go sender produces (Unix st_mode bits above all)."""
+    if mode & _NEVER_SENT:
+        raise ValidationError(f"mode {mode:#o} of {path!r} is not a Go os.FileMode a Linux sender sends "
+                              f"(Unix st_mode bits?)")
+    if mode & filemode.MODE_CHAR_DEVICE and not mode & filemode.MODE_DEVICE:
+        raise ValidationError(f"mode {mode:#x} of {path!r}: ModeCharDevice without ModeDevice")
+    if sum(1 for bit in _KIND_BITS if mode & bit) > 1:
+        raise ValidationError(f"mode {mode:#x} of {path!r} names more than one file type")
+
 
 class DiffCopyReceiver:
     """fsutil's receiver: validates the listing, diffs it, requests what changed.
@@ -325,17 +340,16 @@ class DiffCopyReceiver:
         raise ProtocolError(f"unexpected packet from the sender: {describe(packet)}")
 
     def peer_closed(self) -> list[ReceiverAction]:
-        """The sender's stream ended (EOF or CANCELLED) without a FIN reply.
+        """The sender's stream ended (EOF or CANCELLED).
 
-        After our FIN that is success (the FileSend quirk of BuildKit 0.8: the
-        daemon never half-closes, the call is cancelled instead).  Before it,
-        the transfer is truncated.
+        After the FIN exchange that is success (the FileSend quirk of BuildKit
+        0.8: the daemon never half-closes, the call is cancelled instead).
+        Before the sender's FIN, even after ours, the transfer is truncated.
         """
-        if self.state is ReceiverState.FIN_SENT:
-            self.state = ReceiverState.DONE
-            return [TransferComplete()]
         if self.state is ReceiverState.DONE:
             return []
+        if self.state is ReceiverState.FIN_SENT:
+            raise ProtocolError("the sender ended the call without answering our FIN")
         raise ProtocolError(f"the sender's stream ended early (state {self.state.value})")
 
     def error(self, message: str) -> Packet:
@@ -352,6 +366,7 @@ class DiffCopyReceiver:
         file_id = self._next_id
         self._next_id += 1
         mode = incoming.mode
+        check_mode(incoming.path, mode)
         self._validator.check(
             incoming.path, filemode.is_dir(mode), filemode.is_symlink(mode), incoming.linkname
         )

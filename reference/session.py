@@ -53,10 +53,11 @@ def build_node_id() -> str:
     return value
 
 
-def shared_key_for(context_arg: str) -> str:
-    """hex(sha256("<nodeID>:<context as typed>")), like the docker CLI: a stable
-    key per context lets the daemon reuse its copy as the diff base."""
-    return hashlib.sha256(f"{build_node_id()}:{context_arg}".encode()).hexdigest()
+def shared_key_for(context: str) -> str:
+    """hex(sha256("<nodeID>:<context>")): a stable key per context lets the daemon
+    reuse its copy as the diff base.  The docker CLI hashes the argument as typed,
+    so ``.`` in two directories collides; callers pass the absolute path."""
+    return hashlib.sha256(f"{build_node_id()}:{context}".encode()).hexdigest()
 
 
 @dataclass

@@ -171,3 +171,24 @@ def read_chunks(abs_path: str, chunk_size: int = 32 * 1024) -> Iterator[bytes]:
             yield chunk
     finally:
         os.close(fd)
+
+
+def open_chunks(abs_path: str, chunk_size: int = 32 * 1024) -> Iterator[bytes]:
+    """Like :func:`read_chunks`, but a file that cannot be opened raises OSError
+    (a socket, which fsutil sends as an empty regular file, still reads empty)."""
+    st = os.lstat(abs_path)
+    if _st.S_ISSOCK(st.st_mode):
+        return iter(())
+    fd = os.open(abs_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+
+    def chunks() -> Iterator[bytes]:
+        try:
+            while True:
+                chunk = os.read(fd, chunk_size)
+                if not chunk:
+                    return
+                yield chunk
+        finally:
+            os.close(fd)
+
+    return chunks()

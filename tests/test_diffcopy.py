@@ -328,6 +328,8 @@ def _run_receiver(packets, previous=()):
         ([dc.err_packet("boom")], PeerError, "error from sender: boom"),
         ([Packet(type=dc.PACKET_REQ, ID=0)], ProtocolError, "unexpected packet"),
         ([dc.stat_packet(_stat("h", linkname="nope"))], ValidationError, "unknown path"),
+        ([dc.stat_packet(_stat("d", 0o40755))], ValidationError, "Unix st_mode"),  # raw st_mode of a directory
+        ([dc.stat_packet(_stat("x", 0x80000000 | 0x08000000 | 0o755))], ValidationError, "more than one"),
     ],
 )
 def test_malformed_streams_fail_clearly(packets, error, match):

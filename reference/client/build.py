@@ -138,7 +138,7 @@ def build(
         output_attrs.append({"Type": out.type, "Attrs": {}})
     handlers = services.handlers()
     request = SessionRequest(new_session_id(), os.path.basename(context_dir) or context,
-                             shared_key_for(context), sorted(handlers))
+                             shared_key_for(context_dir), sorted(handlers))
     sock, leftover = open_session(request, host)
     server: ServerConnection = _serve(transport)(sock, handlers, leftover)
     try:

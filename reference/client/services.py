@@ -23,7 +23,8 @@ from ..pb import auth_pb2, filesync_pb2, secrets_pb2
 from ..pb.fsutil_types_pb2 import Packet, Stat
 from ..tarstream import tar_messages
 from ..transport.base import RpcError, RpcStream, StatusCode
-from ..walker import WalkError, read_chunks, walk
+from ..patterns import PatternError
+from ..walker import WalkError, open_chunks, read_chunks, walk
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
@@ -65,6 +66,14 @@ class SyncedDir:
     path: str
     owner: tuple[int, int] | None = None  # the context is sent as 0/0, like the docker CLI
     excludes: list[str] = field(default_factory=list)  # the provider's own (2017 clients)
+
+
+def _check_forced_protocol(protocol: str) -> None:
+    """``BUILD_STREAM_PROTOCOL`` permits only the named file sync protocol (both peers read it)."""
+    forced = os.environ.get("BUILD_STREAM_PROTOCOL", "").strip().lower()
+    if forced and forced != protocol:
+        raise RpcError(StatusCode.FAILED_PRECONDITION,
+                       f"failed to negotiate protocol: BUILD_STREAM_PROTOCOL={forced} does not permit {protocol}")
 
 
 def _metadata_values(stream: RpcStream, key: str) -> list[str]:
@@ -169,10 +178,17 @@ class ClientServices:
 
     def filesync_diffcopy(self, stream: RpcStream) -> None:
         started = time.monotonic()
+        _check_forced_protocol("diffcopy")
         name, synced = self._synced_dir(stream)
         record = StreamStats(FILESYNC_DIFFCOPY, dir_name=name, protocol="diffcopy")
         try:
-            send_tree(stream, synced.path, self._entry_filter(stream, synced), synced.owner, record, self.chunk_size)
+            try:
+                entry_filter = self._entry_filter(stream, synced)
+            except PatternError as exc:  # ERR first, so the daemon can show the cause
+                stream.send(dc.err_packet(f"invalid patterns: {exc}").SerializeToString())
+                stream.flush()
+                raise RpcError(StatusCode.INVALID_ARGUMENT, f"invalid patterns: {exc}") from None
+            send_tree(stream, synced.path, entry_filter, synced.owner, record, self.chunk_size)
         except BaseException as exc:
             record.error = str(exc)
             raise
@@ -182,6 +198,7 @@ class ClientServices:
 
     def filesync_tarstream(self, stream: RpcStream) -> None:
         started = time.monotonic()
+        _check_forced_protocol("tarstream")
         name, synced = self._synced_dir(stream)
         record = StreamStats(FILESYNC_TARSTREAM, dir_name=name, protocol="tarstream")
         try:
@@ -233,7 +250,7 @@ def send_tree(stream: RpcStream, root: str, entry_filter, owner, record: StreamS
             if len(batch) >= 512:
                 stream.send_many(batch)
                 batch = []
-    except WalkError as exc:
+    except (WalkError, PatternError) as exc:
         stream.send_many(batch)
         stream.send(sender.error(str(exc)).SerializeToString())
         stream.flush()
@@ -251,7 +268,15 @@ def send_tree(stream: RpcStream, root: str, entry_filter, owner, record: StreamS
             record.reqs_received += 1
             record.requested.append(event.path)
             out = []
-            for chunk in read_chunks(os.path.join(root, event.path), chunk_size):
+            path = os.path.join(root, event.path)
+            try:
+                chunks = open_chunks(path, chunk_size)
+            except OSError as exc:  # ERR rather than an empty file nobody notices
+                message = f"cannot read {event.path!r}: {exc.strerror}"
+                stream.send(sender.error(message).SerializeToString())
+                stream.flush()
+                raise RpcError(StatusCode.UNKNOWN, message) from None
+            for chunk in chunks:
                 out.append(sender.data(event.file_id, chunk).SerializeToString())
                 record.bytes_sent += len(chunk)
                 if len(out) >= 16:
