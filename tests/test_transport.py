@@ -42,6 +42,7 @@ class Handlers:
 
     def __init__(self) -> None:
         self.started = threading.Event()
+        self.proceed = threading.Event()
         self.outcomes: queue.SimpleQueue = queue.SimpleQueue()
 
     def table(self) -> dict:
@@ -54,6 +55,7 @@ class Handlers:
             "/test.Fail/Message": self.fail_with_message,
             "/test.Bulk/Source": self.source,
             "/test.Wait/UntilCancelled": self.until_cancelled,
+            "/test.Wait/ReadLate": self.read_late,
         }
 
     @staticmethod
@@ -99,6 +101,19 @@ class Handlers:
             self.outcomes.put(("raised", exc.code))
         except TimeoutError:
             self.outcomes.put(("timeout", None))
+
+
+    def read_late(self, stream) -> None:
+        stream.recv()
+        self.started.set()
+        self.proceed.wait(10)
+        received = []
+        try:
+            while (message := stream.recv(timeout=10)) is not None:
+                received.append(message)
+            self.outcomes.put((received, None))
+        except RpcError as exc:
+            self.outcomes.put((received, exc.code))
 
 
 def _other_threads(baseline: set) -> list[threading.Thread]:
@@ -394,6 +409,27 @@ def test_client_cancel_reaches_handler(pair):
     assert pair.client.unary("/test.Echo/Echo", b"after cancel") == b"after cancel"
 
 
+@pytest.mark.parametrize("client_kind", ["h2", "grpcio"])
+def test_messages_sent_before_cancel_still_reach_the_h2_handler(client_kind):
+    # BuildKit's exporter sends FIN and cancels at once; the receiver must see
+    # the FIN. (grpcio's server drops a request that is pending when the
+    # cancellation is noticed, so only the h2 server promises this.)
+    p = Pair("h2", client_kind).start()
+    try:
+        stream = p.client.open_stream("/test.Wait/ReadLate")
+        stream.send(b"first")
+        stream.flush()
+        assert p.handlers.started.wait(5)
+        stream.send(b"fin")
+        stream.flush()
+        stream.cancel()
+        time.sleep(0.2)  # let the RST_STREAM arrive before the handler reads
+        p.handlers.proceed.set()
+        assert p.handlers.outcomes.get(timeout=5) == ([b"fin"], StatusCode.CANCELLED)
+    finally:
+        p.close()
+
+
 def test_concurrent_streams_interleave(pair):
     streams = [pair.client.open_stream("/test.Echo/Echo") for _ in range(8)]
     for round_ in range(20):
@@ -511,3 +547,36 @@ def test_no_thread_leak_after_close(kinds):
         assert p.handlers.started.wait(5)
         p.close()  # with a handler still blocked in recv
     assert _wait_no_new_threads(baseline) == []
+
+
+def test_h2_server_accepts_large_frame_arriving_with_the_settings_ack():
+    """h2 raises its inbound frame limit only on the next receive_data() after the
+    ACK; a peer that sends the ACK and a large DATA frame in one write must work."""
+    import h2.config
+    import h2.connection
+
+    from reference.transport.h2grpc import serve_h2
+
+    got = queue.Queue()
+
+    def handler(stream):
+        got.put(stream.recv(timeout=5))
+
+    ours, theirs = socket.socketpair()
+    server = serve_h2(ours, {"/t.S/M": handler})
+    try:
+        peer = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        peer.initiate_connection()
+        theirs.sendall(peer.data_to_send())
+        theirs.settimeout(5)
+        while peer.max_outbound_frame_size <= 16384:  # wait for the server's SETTINGS
+            peer.receive_data(theirs.recv(65536))
+        peer.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", "/t.S/M"),
+                              (":authority", "localhost"), ("content-type", "application/grpc"), ("te", "trailers")])
+        body = b"\0" + (100_000).to_bytes(4, "big") + b"x" * 100_000
+        peer.send_data(1, body, end_stream=True)  # one frame: larger than 16 KiB
+        theirs.sendall(peer.data_to_send())  # the SETTINGS ACK and the frame in one write
+        assert got.get(timeout=5) == b"x" * 100_000
+    finally:
+        server.close()
+        theirs.close()

@@ -273,9 +273,11 @@ class _Stream(RpcStream):
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._inbox_cond:
             while True:
-                self._check_aborted()
+                # Messages that arrived before a cancellation are still delivered
+                # (the daemon's FIN is often followed at once by RST_STREAM).
                 if self._inbox:
                     return self._inbox.popleft()
+                self._check_aborted()
                 if self._end is not None:
                     code, details = self._end
                     if code == StatusCode.OK:
@@ -387,11 +389,6 @@ class _ServerStream(_Stream):
         if self._aborted is not None:
             raise self._aborted
 
-    def recv(self, timeout: float | None = None) -> bytes | None:
-        if self._aborted is not None:
-            raise self._aborted
-        return super().recv(timeout)
-
     def _abort(self, code: StatusCode, details: str) -> None:
         self._aborted = self._send_error = RpcError(code, details)
         self._set_end(code, details)
@@ -487,6 +484,11 @@ class _Connection:
         # Accept large header blocks (long exclude-patterns) even before the
         # peer has acknowledged the setting.
         self._h2.decoder.max_header_list_size = MAX_HEADER_LIST
+        # Likewise large frames: h2 raises its frame-size limit only at the start
+        # of the receive_data() call after the peer's SETTINGS ACK, so an ACK and
+        # a large DATA frame that arrive in one read would be refused as overlong.
+        self._h2.max_inbound_frame_size = MAX_INBOUND_FRAME
+        self._h2.incoming_buffer.max_frame_size = MAX_INBOUND_FRAME
         self._h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self._out.append(self._h2.data_to_send())
 
