@@ -46,11 +46,17 @@ def build_node_id() -> str:
         pass
     os.makedirs(os.path.dirname(path), exist_ok=True)
     value = secrets.token_hex(32)
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"  # unique per caller, threads included
     with open(tmp, "w") as fh:
         fh.write(value)
-    os.replace(tmp, path)
-    return value
+    try:
+        os.link(tmp, path)  # the first writer wins; everyone then reads the same id
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    with open(path) as fh:
+        return fh.read().strip()
 
 
 def shared_key_for(context: str) -> str:

@@ -252,6 +252,8 @@ def _run_build(query, host, progress, timeout, hang_timeout, body: bytes | None 
                     progress(status)
             elif aux_id == "moby.image.id" and aux is not None:
                 image_id = aux.get("ID")
+            elif aux_id is None and isinstance(aux, dict) and aux.get("ID"):
+                image_id = aux["ID"]  # the legacy builder's shape (2017 request)
     finally:
         try:
             sock.shutdown(2)
