@@ -142,6 +142,18 @@ class Plan:
     labels: dict[str, str]
     workdir: str
     history: list[dict]
+    base: str = "scratch"
+    workdir_set: bool = False
+
+
+@dataclass
+class BaseImage:
+    """A pulled base image: its layers (registered in the image store) and config."""
+
+    reference: str
+    digest: str
+    layers: list[dict]
+    config: dict
 
 
 class Builder:
@@ -274,9 +286,19 @@ class Builder:
                 raise BuildError(f"failed to solve with frontend dockerfile.v0: failed to load build context: {exc}") from None
 
         rootfs = os.path.join(workdir, "rootfs")
+        base = None
+        if plan.base.lower() != "scratch":
+            vertex = trace.vertex(f"[internal] load metadata for {plan.base}").start()
+            try:
+                base = self._pull_base(plan.base, session, rootfs, workdir)
+                vertex.done()
+            except BuildError as exc:
+                vertex.fail(self.redact(str(exc)))
+                raise BuildError("failed to solve with frontend dockerfile.v0: "
+                                 f"failed to create LLB definition: {exc}") from None
         # exports need the whole tree on disk; an image only needs the layers, so steps may be cached
         runner = StepRunner(self, context_tree, rootfs, workdir,
-                            use_cache=options.output is None and not options.no_cache)
+                            use_cache=options.output is None and not options.no_cache, base=base)
         previous = []
         for index, step in enumerate(plan.steps, 1):
             vertex = trace.vertex(f"[{index}/{len(plan.steps)}] {step.text}", previous).start()
@@ -308,7 +330,7 @@ class Builder:
             return
         vertex = trace.vertex("exporting to image", previous).start()
         vertex.status("exporting layers", 0, completed=True)
-        image_id = self._commit(plan, layers, options)
+        image_id = self._commit(plan, layers, options, base)
         vertex.status(f"writing image {image_id}", 0, completed=True)
         for tag in options.tags:
             self.images.tag(image_id, tag)
@@ -319,6 +341,24 @@ class Builder:
         writer.aux("moby.image.id", {"ID": image_id})
         if options.quiet:
             writer.stream(image_id + "\n")
+
+    def _pull_base(self, reference: str, session: Session, rootfs: str, workdir: str) -> BaseImage:
+        """Pull the base image into ``rootfs``, resolving registry auth through the session."""
+        from . import registry
+
+        authorizer = registry.SessionAuthorizer(
+            lambda method, request: session.conn.unary(method, request, timeout=60.0),
+            registry.daemon_salt(), session_id=session.id, token_authority=self.config.generation == "n+1")
+        try:
+            config = registry.pull_image(reference, rootfs, authorizer, save_layers_to=workdir)
+        except registry.RegistryError as exc:
+            raise BuildError(str(exc)) from None
+        layers = []
+        for tar_path, diff_id in zip(config.pop("_layer_tars"), config["rootfs"]["diff_ids"]):
+            size = os.path.getsize(tar_path)
+            self.images.add_layer(tar_path, diff_id)  # moves the tar into the store
+            layers.append({"step": f"FROM {reference}", "diff_id": diff_id, "size": size})
+        return BaseImage(reference, config.pop("_digest", ""), layers, config)
 
     def _acquire(self, session: Session, dir_name: str, purpose: str, leases: list[Lease]) -> Lease:
         lease = self.cache.acquire(session.shared_key, dir_name, purpose)
@@ -361,16 +401,26 @@ class Builder:
         self.images.add_layer(tar_path, diff_id)
         return {"step": step.text, "diff_id": diff_id, "size": size}
 
-    def _commit(self, plan: Plan, layers: list[dict], options: BuildOptions) -> str:
+    def _commit(self, plan: Plan, layers: list[dict], options: BuildOptions, base: BaseImage | None = None) -> str:
         diff_ids = [layer["diff_id"] for layer in layers if layer["diff_id"]]
-        image_config: dict = {"Env": plan.env}
-        if plan.workdir != "/":
+        base_config = dict((base.config.get("config") or {}) if base else {})
+        image_config: dict = base_config
+        base_env = base_config.get("Env") or []
+        ours = plan.env
+        if any(e.startswith("PATH=") for e in base_env):  # the scratch default must not hide the base's PATH
+            ours = [e for e in ours if e != DEFAULT_PATH_ENV]
+        image_config["Env"] = _merge_env(base_env, ours)
+        if plan.workdir_set or (plan.workdir != "/" and not base_config.get("WorkingDir")):
             image_config["WorkingDir"] = plan.workdir
-        labels = dict(plan.labels)
+        if base is not None:
+            layers = layers[len(base.layers):]
+        labels = dict(image_config.get("Labels") or {})
+        labels.update(plan.labels)
         labels.update({k: v for k, v in options.labels.items() if isinstance(v, str)})
         if labels:
             image_config["Labels"] = labels
-        history = []
+        history = list(base.config.get("history") or []) if base else []
+        base_history = len(history)
         layer_iter = iter(layers)
         for entry in plan.history:
             item = {"created_by": entry["created_by"], "comment": "buildkit.dockerfile.v0"}
@@ -391,7 +441,7 @@ class Builder:
         build_key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
         created = rfc3339_now()
         config["created"] = created
-        for item in history:
+        for item in history[base_history:]:
             item["created"] = created
         return self.images.add_image(config, build_key)
 
@@ -411,7 +461,11 @@ class Builder:
         lease = self._acquire(session, "", "legacy", leases)
         self._sync(session, protocol, filesync.SyncRequest(None), lease, None, "context", cancelled, record)
         rootfs = os.path.join(workdir, "rootfs")
-        runner = StepRunner(self, lease.tree, rootfs, workdir, use_cache=not options.no_cache)
+        base = None
+        if plan.base.lower() != "scratch":
+            say(f"Pulling {plan.base}\n")
+            base = self._pull_base(plan.base, session, rootfs, workdir)
+        runner = StepRunner(self, lease.tree, rootfs, workdir, use_cache=not options.no_cache, base=base)
         total = len(plan.history)
         steps = iter(plan.steps)
         for index, entry in enumerate(plan.history, 1):
@@ -424,7 +478,7 @@ class Builder:
                         say(" ---> Using cache\n")
                 except FsError as exc:
                     raise BuildError(str(exc)) from None
-        image_id = self._commit(plan, runner.layers, options)
+        image_id = self._commit(plan, runner.layers, options, base)
         record.image_id = image_id
         writer.aux(None, {"ID": image_id})
         for tag in options.tags:
@@ -442,15 +496,17 @@ class StepRunner:
     unchanged reuses its earlier layer (BuildKit's CACHED) and the tree is rebuilt
     from layers only when a later step has to run for real."""
 
-    def __init__(self, builder: "Builder", context_tree: str | None, rootfs: str, workdir: str, *, use_cache: bool):
+    def __init__(self, builder: "Builder", context_tree: str | None, rootfs: str, workdir: str, *, use_cache: bool,
+                 base: BaseImage | None = None):
         self.builder = builder
         self.context_tree = context_tree
         self.rootfs = rootfs
         self.workdir = workdir
         self.use_cache = use_cache
-        self.layers: list[dict] = []
-        self._in_rootfs = 0  # how many of ``layers`` the tree on disk reflects
-        self._key = hashlib.sha256(b"FROM scratch").hexdigest()
+        # a base image is already applied to ``rootfs`` by the pull
+        self.layers: list[dict] = list(base.layers) if base else []
+        self._in_rootfs = len(self.layers)  # how many of ``layers`` the tree on disk reflects
+        self._key = hashlib.sha256(f"FROM {base.digest}".encode() if base else b"FROM scratch").hexdigest()
 
     def _step_key(self, step: Step) -> str:
         spec = json.dumps([step.kind, step.sources, step.dest, step.workdir, step.chown])
@@ -477,6 +533,16 @@ class StepRunner:
             images.remember_step(key, layer["diff_id"], layer["size"])
             self._key = key
         return False
+
+
+def _merge_env(base: list[str], ours: list[str]) -> list[str]:
+    """The base image's environment, overridden and extended by the Dockerfile's."""
+    merged: dict[str, str] = {}
+    for entry in [*base, *ours]:
+        key = entry.split("=", 1)[0]
+        merged.pop(key, None)
+        merged[key] = entry
+    return list(merged.values())
 
 
 def _check(session: Session, cancelled: threading.Event) -> None:
@@ -528,11 +594,7 @@ def plan_build(text: str, options: BuildOptions) -> Plan:
             if value is not None:
                 global_scope[name] = value
     stage = parsed.target(options.target)
-    base = lex.word(stage.base, global_scope)
-    if base.lower() != "scratch":
-        raise dfp.DockerfileError(
-            f"Dockerfile line {stage.line}: unsupported instruction FROM {base}: "
-            "this daemon builds only FROM scratch")
+    base = lex.word(stage.base, global_scope)  # scratch, or an image pulled from its registry
     args: dict[str, str] = {}
     env: dict[str, str] = {}
     labels: dict[str, str] = {}
@@ -594,7 +656,8 @@ def plan_build(text: str, options: BuildOptions) -> Plan:
             steps.append(Step(f"COPY {inst.original.split(None, 1)[1]}", "COPY", words[:-1], words[-1],
                               workdir, chown))
             history.append({"created_by": f"COPY {' '.join(words)} # buildkit", "layer": True})
-    return Plan(steps, [f"{k}={env[k]}" for k in env_order], labels, workdir, history)
+    return Plan(steps, [f"{k}={env[k]}" for k in env_order], labels, workdir, history, base,
+                any(entry["created_by"].startswith("WORKDIR ") for entry in history))
 
 
 def _arg_pairs(inst: dfp.Instruction) -> list[tuple[str, str | None]]:

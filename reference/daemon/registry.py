@@ -253,7 +253,7 @@ class SessionAuthorizer:
 
     def __init__(self, call: UnaryCall, salt: bytes, *, session_id: str | None = None,
                  cache: HandlerCache | None = None, clock: Callable[[], float] = time.time,
-                 token_timeout: float = 30.0):
+                 token_timeout: float = 30.0, token_authority: bool = True):
         if len(salt) != 32:
             raise ValueError("the salt must be 32 bytes")
         self.call = call
@@ -263,6 +263,8 @@ class SessionAuthorizer:
         self.clock = clock
         self.token_timeout = token_timeout
         self.token_fetches = 0  # tokens this authorizer obtained (not served from the cache)
+        # generation n daemons know only Credentials and fetch every token themselves
+        self.token_authority = token_authority
 
     # -- session calls ---------------------------------------------------------------------------
     def _rpc(self, method: str, request, response_type, *, absent: tuple[StatusCode, ...] = (StatusCode.UNIMPLEMENTED,)):
@@ -280,6 +282,8 @@ class SessionAuthorizer:
         return ("", "") if resp is None else (resp.Username, resp.Secret)
 
     def _token_authority(self, host: str) -> bytes | None:
+        if not self.token_authority:
+            return None
         resp = self._rpc(GET_TOKEN_AUTHORITY, auth_pb2.GetTokenAuthorityRequest(Host=host, Salt=self.salt),
                          auth_pb2.GetTokenAuthorityResponse,
                          absent=(StatusCode.UNIMPLEMENTED, StatusCode.UNAVAILABLE))

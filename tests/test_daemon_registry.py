@@ -1,0 +1,110 @@
+"""The reference daemon pulls FROM a real registry, resolving auth through the client's session:
+our client n/n+1 x our daemon n/n+1, with Basic and token auth, asserting which Auth RPCs ran."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from conformance import registry as reg
+from conformance.targets import DaemonSpec, start_reference_daemon
+from reference.client import BuildError, Output, build
+
+pytestmark = pytest.mark.timeout(180)
+
+USER, PASSWORD = "bob", "pa55 word"
+PULLED = {"base/hello.txt": b"hello from the base image\n"}
+AUTH = "/moby.filesync.v1.Auth/"
+
+
+@pytest.fixture(scope="module", params=["n", "n+1"])
+def our_daemon(request):
+    target = start_reference_daemon(DaemonSpec(f"reference-{request.param}", generation=request.param))
+    yield target
+    target.stop()
+
+
+@pytest.fixture
+def docker_config(tmp_path, monkeypatch):
+    directory = tmp_path / "cfg"
+    directory.mkdir()
+    monkeypatch.setenv("DOCKER_CONFIG", str(directory))
+
+    def write(host: str, password: str = PASSWORD) -> None:
+        auth = base64.b64encode(f"{USER}:{password}".encode()).decode()
+        (directory / "config.json").write_text(json.dumps({"auths": {host: {"auth": auth}}}))
+
+    return write
+
+
+@pytest.fixture
+def token_registry(tmp_path):
+    reg.require_registry()
+    tokens = reg.load_token_service().TokenService(users={USER: PASSWORD}, workdir=str(tmp_path))
+    with tokens, reg.LocalRegistry(auth="token", token=reg.token_registry_settings(tokens)) as registry:
+        registry.tokens = tokens
+        registry.pushed = reg.push_image(registry, "test/base", "1", [PULLED], credentials=(USER, PASSWORD))
+        tokens.requests.clear()
+        yield registry
+
+
+@pytest.fixture
+def basic_registry():
+    reg.require_registry()
+    with reg.LocalRegistry(auth="htpasswd", users={USER: PASSWORD}) as registry:
+        registry.pushed = reg.push_image(registry, "test/base", "1", [PULLED], credentials=(USER, PASSWORD))
+        yield registry
+
+
+def _build(daemon, tmp_path, image: str, client_generation: str):
+    ctx = tmp_path / "ctx"
+    ctx.mkdir(exist_ok=True)
+    (ctx / "Dockerfile").write_text(f"FROM {image}\nCOPY x /x\n")
+    (ctx / "x").write_text("from the context\n")
+    out = tmp_path / "out"
+    # generation n uses the 2017 request, which has no export: check the image instead
+    outputs = [Output("local", str(out))] if client_generation == "n+1" else []
+    result = build(str(ctx), host=daemon.host, generation=client_generation, outputs=outputs,
+                   no_cache=True, timeout=60, hang_timeout=10)
+    if outputs:
+        assert (out / "base" / "hello.txt").read_bytes() == PULLED["base/hello.txt"]
+        assert (out / "x").read_text() == "from the context\n"
+    return [c[len(AUTH):] for c in result.calls if c.startswith(AUTH)], result
+
+
+@pytest.mark.parametrize("client_generation", ["n", "n+1"])
+def test_token_auth_matrix(our_daemon, client_generation, docker_config, token_registry, tmp_path):
+    docker_config(token_registry.host)
+    calls, result = _build(our_daemon, tmp_path, token_registry.pushed.reference, client_generation)
+    seen = token_registry.tokens.requests
+    assert seen, "nobody fetched a token"
+    if our_daemon.generation == "n+1" and client_generation == "n+1":
+        # the client is the token authority: it fetches (the daemon never saw the password,
+        # so the authenticated token requests can only be the client's)
+        assert calls[:2] == ["GetTokenAuthority", "FetchToken"] and "Credentials" not in calls
+        assert all(r.user == USER for r in seen)
+    else:
+        # a generation n client serves only Credentials; a generation n daemon asks only for them
+        assert "Credentials" in calls and "FetchToken" not in calls
+        assert all(r.user == USER for r in seen)
+    if our_daemon.generation == "n":
+        assert "GetTokenAuthority" not in calls
+    if client_generation == "n+1":
+        assert result.image_id is None  # exported, not committed
+
+
+@pytest.mark.parametrize("client_generation", ["n", "n+1"])
+def test_basic_auth_matrix(our_daemon, client_generation, docker_config, basic_registry, tmp_path):
+    docker_config(basic_registry.host)
+    calls, _ = _build(our_daemon, tmp_path, basic_registry.pushed.reference, client_generation)
+    assert calls == ["Credentials"]
+
+
+def test_wrong_password_is_a_clear_error_without_a_storm(our_daemon, docker_config, basic_registry, tmp_path):
+    docker_config(basic_registry.host, password="wrong")
+    before = len(basic_registry.requests())
+    with pytest.raises(BuildError, match="401"):
+        _build(our_daemon, tmp_path, basic_registry.pushed.reference, "n+1")
+    assert len(basic_registry.requests()) - before <= 6
