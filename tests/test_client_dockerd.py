@@ -109,7 +109,11 @@ def _image_layer_entries(dockerd, image: str) -> dict[str, tuple]:
             with tarfile.open(fileobj=outer.extractfile(layer)) as tf:
                 for m in tf.getmembers():
                     data = tf.extractfile(m).read() if m.isfile() else b""
-                    entries[m.name.rstrip("/")] = (m.type, m.mode, m.uid, m.gid, int(m.mtime), m.linkname,
+                    # A directory's mtime in the layer is when dockerd's receiver last wrote into
+                    # its copy of the context (observed: it differs between two CLI builds of one
+                    # context), so it says nothing about the client; every other field must match.
+                    mtime = None if m.isdir() else int(m.mtime)
+                    entries[m.name.rstrip("/")] = (m.type, m.mode, m.uid, m.gid, mtime, m.linkname,
                                                    hashlib.sha256(data).hexdigest())
     return entries
 
