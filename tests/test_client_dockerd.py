@@ -109,9 +109,10 @@ def _image_layer_entries(dockerd, image: str) -> dict[str, tuple]:
             with tarfile.open(fileobj=outer.extractfile(layer)) as tf:
                 for m in tf.getmembers():
                     data = tf.extractfile(m).read() if m.isfile() else b""
-                    # A directory's mtime in the layer is when dockerd's receiver last wrote into
-                    # its copy of the context (observed: it differs between two CLI builds of one
-                    # context), so it says nothing about the client; every other field must match.
+                    # A directory's mtime in the layer is when dockerd's receiver wrote into a fresh
+                    # copy of the context, not the source's (observed: two docker CLI builds of one
+                    # context with different shared keys give two different directory mtimes), so
+                    # it says nothing about the client; every other field must match.
                     mtime = None if m.isdir() else int(m.mtime)
                     entries[m.name.rstrip("/")] = (m.type, m.mode, m.uid, m.gid, mtime, m.linkname,
                                                    hashlib.sha256(data).hexdigest())
