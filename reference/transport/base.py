@@ -69,12 +69,18 @@ class RpcError(Exception):
 class RpcStream(abc.ABC):
     """One gRPC call seen from either role.
 
-    Server role: ``recv`` returns None once the peer half-closed; ``close_send``
-    and ``cancel`` are no-ops (returning from the handler ends the call).
+    Server role: ``recv`` returns None once the peer half-closed and raises
+    ``RpcError(CANCELLED)`` once the peer cancelled, after the messages that
+    arrived before the cancellation; ``close_send`` and ``cancel`` are no-ops
+    (returning from the handler ends the call).
     Client role: ``recv`` returns None when the call ended with OK and raises
-    ``RpcError`` when it ended with another status.
-    ``send`` may buffer: ``recv``, ``flush``, ``close_send`` and the end of a
-    handler push buffered messages out.
+    ``RpcError`` when it ended with another status; ``send`` after
+    ``close_send`` raises.
+    ``send`` may buffer: ``flush``, ``send_many``, ``close_send``, the end of a
+    handler and a ``recv`` that has to wait push buffered messages out; once
+    they return, the messages are in the transport, so a ``cancel`` right
+    after does not lose them. Sending blocks while the peer's flow-control
+    window is exhausted. One thread sends and one receives per stream.
     """
 
     method: str

@@ -47,6 +47,82 @@ _CHANNEL_OPTIONS = [
 ]
 
 _END = object()  # end of a message queue
+# send() waits while more than this much is queued but not yet written.
+OUTBOX_LIMIT = 4 << 20
+
+
+class _Outbox:
+    """Messages handed to grpcio through the iterator it consumes.
+
+    grpcio pulls the next message only once the previous one was written, so
+    counting pulls tells ``flush`` when everything queued has reached the
+    transport; that makes flush-then-cancel deliver like the h2 transport, and
+    bounds memory when the peer reads slowly.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._cond = threading.Condition(threading.Lock())
+        self._pending_bytes = 0  # queued, not yet written
+        self._pending_count = 0
+        self._waiters = 0
+        self.finished = False  # the consumer is gone, or has seen the end
+        self.final = None  # what ended the queue (_END or a status tuple)
+
+    def put(self, messages: list[bytes]) -> None:
+        size = sum(map(len, messages))
+        with self._cond:
+            self._pending_bytes += size
+            self._pending_count += len(messages)
+        self._queue.put(messages)
+        if self._pending_bytes > OUTBOX_LIMIT:
+            self.wait(OUTBOX_LIMIT)
+
+    def end(self, final=_END) -> None:
+        self._queue.put(final)
+
+    def wait(self, limit: int = 0) -> None:
+        """Block until at most ``limit`` bytes (0: nothing) are unwritten."""
+        with self._cond:
+            self._waiters += 1
+            try:
+                while not self.finished and (self._pending_bytes > limit or (limit == 0 and self._pending_count)):
+                    self._cond.wait()
+            finally:
+                self._waiters -= 1
+
+    def wait_finished(self) -> None:
+        with self._cond:
+            while not self.finished:
+                self._cond.wait()
+
+    def abandon(self) -> None:
+        """The call is over: release waiters and a consumer blocked in get()."""
+        with self._cond:
+            self.finished = True
+            self._cond.notify_all()
+        self._queue.put(_END)
+
+    def drain(self):
+        """Generator for grpcio: yields messages until the end marker."""
+        try:
+            while True:
+                item = self._queue.get()
+                if not isinstance(item, list):
+                    self.final = item
+                    return
+                for message in item:
+                    yield message
+                    # Resumed: grpcio has written this message.
+                    with self._cond:
+                        self._pending_bytes -= len(message)
+                        self._pending_count -= 1
+                        if self._waiters:
+                            self._cond.notify_all()
+        finally:
+            with self._cond:
+                self.finished = True
+                self._cond.notify_all()
 
 
 def _grpc():
@@ -187,7 +263,7 @@ class _ServerStream(RpcStream):
                          for key, value in context.invocation_metadata()]
         self._requests = request_iterator
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._outbox = _Outbox()
         self._request_error: RpcError | None = None
         self._request_done = False
         self._cancelled: RpcError | None = None
@@ -206,11 +282,10 @@ class _ServerStream(RpcStream):
         if cancelled:
             self._cancelled = RpcError(StatusCode.CANCELLED, "cancelled by the peer")
             self._inbox.put(_END)
-        self._outbox.put(_END)  # frees the grpcio worker waiting for responses
+        self._outbox.abandon()  # frees the grpcio worker and any waiting sender
 
     def recv(self, timeout: float | None = None) -> bytes | None:
-        if self._cancelled is not None:
-            raise self._cancelled
+        # Requests read before a cancellation are delivered first, as by h2grpc.
         if self._request_done:
             return None
         try:
@@ -218,46 +293,44 @@ class _ServerStream(RpcStream):
         except queue.Empty:
             raise TimeoutError(f"no message on {self.method} within {timeout} s") from None
         if item is _END:
+            self._inbox.put(_END)  # later calls see the end too
             if self._cancelled is not None:
                 raise self._cancelled
             if self._request_error is not None:
                 raise self._request_error
             self._request_done = True
-            self._inbox.put(_END)  # later calls see the end too
             return None
         return item
 
-    def send(self, message: bytes) -> None:
+    def _check_sendable(self) -> None:
         if self._cancelled is not None:
             raise self._cancelled
-        self._outbox.put(message)
+        if self._outbox.finished:
+            raise RpcError(StatusCode.CANCELLED, "the call has ended")
+
+    def send(self, message: bytes) -> None:
+        self._check_sendable()
+        self._outbox.put([message])
 
     def send_many(self, messages: Iterable[bytes]) -> None:
-        if self._cancelled is not None:
-            raise self._cancelled
+        self._check_sendable()
         self._outbox.put(list(messages))
+        self.flush()
 
     def flush(self) -> None:
-        pass
+        self._outbox.wait()
+        if self._cancelled is not None:
+            raise self._cancelled
 
     def close_send(self) -> None:
-        pass
+        self.flush()
 
     def cancel(self) -> None:
         pass
 
     def responses(self):
         """Generator run by the grpcio worker thread."""
-        while True:
-            item = self._outbox.get()
-            if item is _END:
-                return
-            if isinstance(item, list):
-                yield from item
-            elif isinstance(item, tuple):  # final status from the handler thread
-                return
-            else:
-                yield item
+        return self._outbox.drain()
 
 
 class GrpcioServerConnection(ServerConnection):
@@ -280,7 +353,12 @@ class GrpcioServerConnection(ServerConnection):
         self._server.add_insecure_port("unix:" + path)
         self._server.start()
         inner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        inner.connect(path)
+        try:
+            inner.connect(path)
+        finally:
+            # Nobody else may connect, and nothing is left behind if this
+            # process dies: the listener keeps working unlinked.
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
         self._pump = _Pump(sock, inner, "grpcio-server-pump")
         self._pump.start(initial_bytes)
         self._watcher = threading.Thread(target=self._watch, name="grpcio-server-watch", daemon=True)
@@ -316,7 +394,7 @@ class GrpcioServerConnection(ServerConnection):
             except Exception as exc:
                 result = status_of_exception(exc)
             status.append(result)
-            stream._outbox.put(result)
+            stream._outbox.end(result)
         finally:
             with self._threads_lock:
                 self._handler_threads.discard(threading.current_thread())
@@ -335,7 +413,6 @@ class GrpcioServerConnection(ServerConnection):
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._executor.shutdown(wait=True)
-        shutil.rmtree(self._tmpdir, ignore_errors=True)
         self.closed.set()
 
     def close(self) -> None:
@@ -373,26 +450,16 @@ class _ClientStream(RpcStream):
     def __init__(self, channel, method: str, metadata: list[tuple[str, str]]) -> None:
         self.method = method
         self.metadata = metadata
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._outbox = _Outbox()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._final: RpcError | None = None
         self._ended = False
         self._send_closed = False
         multi = channel.stream_stream(method, request_serializer=None, response_deserializer=None)
-        self._call = multi(self._requests(), metadata=metadata)
-        self._call.add_done_callback(lambda _call: self._outbox.put(_END))
+        self._call = multi(self._outbox.drain(), metadata=metadata)
+        self._call.add_done_callback(lambda _call: self._outbox.abandon())
         self._reader = threading.Thread(target=self._pump_responses, name="grpcio-responses", daemon=True)
         self._reader.start()
-
-    def _requests(self):
-        while True:
-            item = self._outbox.get()
-            if item is _END:
-                return
-            if isinstance(item, list):
-                yield from item
-            else:
-                yield item
 
     def _pump_responses(self) -> None:
         grpc = _grpc()
@@ -435,19 +502,22 @@ class _ClientStream(RpcStream):
 
     def send(self, message: bytes) -> None:
         if self._check_sendable():
-            self._outbox.put(message)
+            self._outbox.put([message])
 
     def send_many(self, messages: Iterable[bytes]) -> None:
         if self._check_sendable():
             self._outbox.put(list(messages))
+            self._outbox.wait()
 
     def flush(self) -> None:
-        pass
+        self._outbox.wait()
 
     def close_send(self) -> None:
+        """Half-close; returns once grpcio has taken every message and the end."""
         if not self._send_closed:
             self._send_closed = True
-            self._outbox.put(_END)
+            self._outbox.end()
+            self._outbox.wait_finished()
 
     def cancel(self) -> None:
         self._call.cancel()
@@ -478,6 +548,7 @@ class GrpcioClientConnection(ClientConnection):
             # Exactly one connection: a reconnect by grpcio must fail, like
             # the daemon's dialer ("only one connection allowed").
             listener.close()
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
         inner.setblocking(True)
         self._pump = _Pump(sock, inner, "grpcio-client-pump")
         self._pump.start(initial_bytes)
@@ -512,7 +583,6 @@ class GrpcioClientConnection(ClientConnection):
         self._ready.cancel()
         self._channel.close()
         self._pump.close()
-        shutil.rmtree(self._tmpdir, ignore_errors=True)
         self.closed.set()
 
     def close(self) -> None:
