@@ -110,8 +110,26 @@ class TarReceiver:
         self._zero_blocks = 0
         self.done = False
         self.requested: list[str] = []
+        self._head = bytearray()  # the first bytes, until the compression is known
+        self._decompressor = None
 
     def feed(self, data: bytes) -> list:
+        """Actions for the next bytes of the stream (plain, gzip, bzip2 or xz, detected
+        from the first bytes, as moby's DecompressStream does)."""
+        if self._decompressor is None:
+            self._head += data
+            if len(self._head) < 6 and not self.done:
+                return []
+            self._decompressor = _decompressor_for(bytes(self._head))
+            data, self._head = bytes(self._head), bytearray()
+        if self._decompressor is not _PLAIN:
+            try:
+                data = self._decompressor.decompress(data)
+            except Exception as exc:  # zlib.error, OSError (bz2), lzma.LZMAError, EOFError
+                raise ProtocolError(f"bad compressed tar stream: {exc}") from None
+        return self._feed_plain(data)
+
+    def _feed_plain(self, data: bytes) -> list:
         if self.done:
             if data.strip(b"\0"):
                 raise ProtocolError("data after the end of the tar archive")
@@ -160,9 +178,14 @@ class TarReceiver:
 
     def end(self) -> list:
         """The stream ended; a tar cut short is an error."""
+        actions = []
+        if self._decompressor is None and self._head:  # a stream shorter than the sniffing window
+            self._decompressor = _decompressor_for(bytes(self._head))
+            head, self._head = bytes(self._head), bytearray()
+            actions = self.feed(head)
         if not self.done:
             raise ProtocolError("the tar stream ended before the end-of-archive marker")
-        return []
+        return actions
 
     def _header(self, header: bytes, actions: list) -> None:
         try:
@@ -243,6 +266,24 @@ class TarReceiver:
             file_id, path = self._file
             self._file = None
             actions.append(FileDone(file_id, path))
+
+
+_PLAIN = object()
+
+
+def _decompressor_for(head: bytes):
+    """An incremental decompressor for the stream's magic bytes, or _PLAIN."""
+    import bz2
+    import lzma
+    import zlib
+
+    if head.startswith(b"\x1f\x8b"):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    if head.startswith(b"BZh"):
+        return bz2.BZ2Decompressor()
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMADecompressor()
+    return _PLAIN
 
 
 def _parse_pax(data: bytes) -> dict[str, str]:

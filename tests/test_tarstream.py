@@ -76,3 +76,25 @@ def test_missing_parents_are_created(tmp_path):
     applier.apply_all(r.feed(_tar([("x/y/z", b"data")])))
     applier.finish()
     assert (tmp_path / "dst" / "x" / "y" / "z").read_bytes() == b"data"
+
+
+@pytest.mark.parametrize("compress", ["gzip", "bz2", "xz"])
+def test_compressed_streams_are_accepted(tmp_path, compress):
+    import bz2
+    import gzip
+    import lzma
+
+    data = _tar([("d/f", b"x" * 5000), ("g", b"")])
+    packed = {"gzip": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}[compress](data)
+    r = TarReceiver()
+    applier = TreeApplier(str(tmp_path / "dst"))
+    for i in range(0, len(packed), 7):  # split everywhere, the magic bytes included
+        applier.apply_all(r.feed(packed[i : i + 7]))
+    applier.apply_all(r.end())
+    applier.finish()
+    assert (tmp_path / "dst" / "d" / "f").read_bytes() == b"x" * 5000
+
+
+def test_corrupt_compressed_stream_is_a_clear_error():
+    with pytest.raises(ProtocolError, match="bad compressed"):
+        TarReceiver().feed(b"\x1f\x8b\x08\x00garbage-garbage-garbage")

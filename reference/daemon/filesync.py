@@ -270,7 +270,8 @@ def _receive_tarstream(stream: RpcStream, receive: _Receive, tree: str, record: 
             raw = receive()
             try:
                 if raw is None:
-                    receiver.end()
+                    for action in receiver.end():
+                        applier.apply(action)
                     break
                 data = filesync_pb2.BytesMessage.FromString(raw).data
                 record.bytes_received += len(data)

@@ -720,7 +720,8 @@ def _apply_layer(fh, dest_rootfs_dir: str, diff_id: str | None, keep) -> int:
             if not receiver.done:
                 for action in filt(receiver.feed(chunk)):
                     applier.apply(action)
-        receiver.end()
+        for action in filt(receiver.end()):
+            applier.apply(action)
         if diff_id and diff_id != "sha256:" + hasher.hexdigest():
             raise RegistryError(f"layer diff_id mismatch (expected {diff_id})")
     except (zlib.error, EOFError) as exc:
