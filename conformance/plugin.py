@@ -100,9 +100,14 @@ _DEVIATIONS_KEY = pytest.StashKey[dict]()
 
 
 def _implementation_family(implementation: str) -> str | None:
-    """'dockerd 20.10.24' -> 'dockerd 20.10'; 'docker CLI 20.10' -> 'docker CLI 20.10'."""
+    """'dockerd 20.10.24' -> 'dockerd 20.10'; 'docker CLI 20.10' -> 'docker CLI 20.10';
+    'reference-daemon 0.1.0 (n+1) via grpcio' -> 'reference-daemon 0.1 via grpcio'."""
     match = re.match(r"(.*?)\s+v?(\d+)\.(\d+)", implementation)
-    return f"{match.group(1)} {match.group(2)}.{match.group(3)}" if match else None
+    if not match:
+        return None
+    family = f"{match.group(1)} {match.group(2)}.{match.group(3)}"
+    via = re.search(r" via (\S+)$", implementation)
+    return family + (via.group(0) if via else "")
 
 
 def _apply_known_deviations(request: pytest.FixtureRequest, implementation: str) -> None:

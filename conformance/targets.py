@@ -141,7 +141,7 @@ def start_reference_daemon(spec: DaemonSpec, timeout: float = 30.0) -> DaemonTar
         if proc.poll() is not None:
             raise RuntimeError(f"reference daemon exited with {proc.returncode}:\n{target.logs()}")
         if os.path.exists(sock) and target.alive():
-            target.implementation = identify(host)
+            target.implementation = identify(host) + ("" if spec.transport == "h2" else f" via {spec.transport}")
             return target
         time.sleep(0.05)
     target.stop()
