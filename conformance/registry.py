@@ -409,19 +409,37 @@ def push_image(registry: LocalRegistry | str, repo: str, tag: str, layers: list[
 
 
 def load_token_service():
-    """The ``fixtures/token_service.py`` module (fixtures/ is deliberately not a package)."""
-    import importlib.util
-    import sys
+    """The test token service module (kept for callers that load it lazily)."""
+    from .harness import token_service
 
-    name = "dsc_fixture_token_service"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "token_service.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return token_service
+
+
+def serving_image(auth: str, workdir: str, *, users: dict[str, str], repo: str, tag: str,
+                  layers: list[dict[str, bytes]]):
+    """A context manager: a registry with ``auth`` "htpasswd" (Basic) or "token" (with a test token
+    service) holding one pushed image; yields the LocalRegistry with ``.pushed`` (and ``.tokens``)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def run():
+        require_registry()
+        user, password = next(iter(users.items()))
+        if auth == "htpasswd":
+            with LocalRegistry(auth="htpasswd", users=users) as registry:
+                registry.pushed = push_image(registry, repo, tag, layers, credentials=(user, password))
+                yield registry
+            return
+        from .harness.token_service import TokenService
+
+        tokens = TokenService(users=users, workdir=workdir)
+        with tokens, LocalRegistry(auth="token", token=token_registry_settings(tokens)) as registry:
+            registry.tokens = tokens
+            registry.pushed = push_image(registry, repo, tag, layers, credentials=(user, password))
+            tokens.requests.clear()
+            yield registry
+
+    return run()
 
 
 def token_registry_settings(service) -> dict:

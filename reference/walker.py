@@ -158,27 +158,19 @@ def read_chunks(abs_path: str, chunk_size: int = 32 * 1024) -> Iterator[bytes]:
     """File contents in chunks; an unreadable file yields nothing (fsutil sends
     only the end-of-file marker then, so the receiver gets an empty file)."""
     try:
-        fd = os.open(abs_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        yield from open_chunks(abs_path, chunk_size)
     except OSError:
         return
-    try:
-        if not _st.S_ISREG(os.fstat(fd).st_mode):
-            return
-        while True:
-            chunk = os.read(fd, chunk_size)
-            if not chunk:
-                return
-            yield chunk
-    finally:
-        os.close(fd)
 
 
 def open_chunks(abs_path: str, chunk_size: int = 32 * 1024) -> Iterator[bytes]:
-    """Like :func:`read_chunks`, but a file that cannot be opened raises OSError
-    (a socket, which fsutil sends as an empty regular file, still reads empty)."""
+    """File contents in chunks; a file that cannot be opened raises OSError at once
+    (a socket, which fsutil sends as an empty regular file, reads empty)."""
     st = os.lstat(abs_path)
-    if _st.S_ISSOCK(st.st_mode):
-        return iter(())
+    if not _st.S_ISREG(st.st_mode):
+        if _st.S_ISSOCK(st.st_mode):
+            return iter(())
+        raise OSError(errno.EINVAL, "not a regular file", abs_path)
     fd = os.open(abs_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
 
     def chunks() -> Iterator[bytes]:

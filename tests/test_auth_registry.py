@@ -52,22 +52,17 @@ def docker_config(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def basic_registry():
-    reg.require_registry()
-    with reg.LocalRegistry(auth="htpasswd", users={USER: PASSWORD}) as registry:
-        registry.pushed = reg.push_image(registry, "test/img", "1", [PULLED], credentials=(USER, PASSWORD))
+def basic_registry(tmp_path):
+    with reg.serving_image("htpasswd", str(tmp_path), users={USER: PASSWORD}, repo="test/img", tag="1",
+                           layers=[PULLED]) as registry:
         yield registry
 
 
 @pytest.fixture
 def token_registry(tmp_path):
     """A fresh token service and registry per test (a new port is a new host for dockerd's auth cache)."""
-    reg.require_registry()
-    tokens = reg.load_token_service().TokenService(users={USER: PASSWORD}, workdir=str(tmp_path))
-    with tokens, reg.LocalRegistry(auth="token", token=reg.token_registry_settings(tokens)) as registry:
-        registry.tokens = tokens
-        registry.pushed = reg.push_image(registry, "test/img", "1", [PULLED], credentials=(USER, PASSWORD))
-        tokens.requests.clear()
+    with reg.serving_image("token", str(tmp_path), users={USER: PASSWORD}, repo="test/img", tag="1",
+                           layers=[PULLED]) as registry:
         yield registry
 
 
