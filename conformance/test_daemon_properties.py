@@ -26,7 +26,7 @@ from reference.pathfilter import PathFilter
 from reference.session import new_session_id
 from reference.walker import walk
 
-from .harness.daemon_probes import FileSyncRouter, metadata_values
+from .harness.daemon_probes import FileSyncRouter
 from .harness.scripted_client import make_context, run_build
 from .outcomes import expect
 from .plugin import _DEVIATIONS_KEY

@@ -1,0 +1,122 @@
+"""Daemon role towards the client's optional services: secrets.
+
+A `RUN` step needs a root filesystem: a busybox image is built first on the
+daemon under test through the scripted client (nothing is pulled). A required
+secret the client cannot give must fail the build naming the secret; an
+optional one must be left out (the step sees no file). Registry auth needs a
+registry (no network here) and is not covered.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+from reference.client.services import SECRETS_GET
+from reference.transport.base import RpcError, StatusCode
+
+from .harness.scripted_client import make_context, run_build
+from .outcomes import expect
+
+requirement = pytest.mark.requirement
+
+
+def needs_n_plus_1(daemon) -> None:
+    if daemon.generation != "n+1":
+        pytest.skip("secrets are generation n+1; the target is generation n")
+
+
+SHELL_TAG = "conf-daemon-busybox:latest"
+_built: set[str] = set()
+
+
+def shell_image(daemon) -> str:
+    """A busybox image on the daemon (built once per daemon through a session build)."""
+    if daemon.host in _built:
+        return SHELL_TAG
+    from pathlib import Path
+
+    from .realpeers import BUSYBOX_STATIC, _write_busybox_rootfs
+
+    if not os.access(BUSYBOX_STATIC, os.X_OK):
+        pytest.skip(f"{BUSYBOX_STATIC} is missing: no image with a shell can be built offline")
+    ctx = make_context({}, dockerfile="FROM scratch\nCOPY rootfs/ /\nENV PATH=/bin\n")
+    _write_busybox_rootfs(Path(ctx) / "rootfs")
+    obs = run_build(daemon.host, ctx, query={"t": SHELL_TAG})
+    if not obs.ok:
+        pytest.skip(f"the daemon cannot build the busybox image needed for RUN steps: {obs.error}")
+    probe = run_build(daemon.host, make_context({}, dockerfile=f"FROM {SHELL_TAG}\nRUN /bin/true\n"),
+                      query={"networkmode": "none", "nocache": "1"}, hang_timeout=10)
+    if not probe.ok:
+        from .outcomes import unsupported
+
+        unsupported(f"the daemon cannot run a RUN step on a local image, which secret mounts need: {probe.error}")
+    _built.add(daemon.host)
+    return SHELL_TAG
+
+
+def _dockerfile(daemon, required: bool) -> str:
+    flag = ",required=true" if required else ""
+    return (f"FROM {shell_image(daemon)}\n"
+            f"RUN --mount=type=secret,id=token{flag} test \"$(cat /run/secrets/token 2>&1)\" = s3cr3t "
+            "|| { echo SECRET-STATE-$(ls /run/secrets/ 2>&1 | tr -c a-z0-9 _); exit 3; }\n")
+
+
+def _secret_file() -> str:
+    fd, path = tempfile.mkstemp(prefix="conf-secret-")
+    os.write(fd, b"s3cr3t")
+    os.close(fd)
+    return path
+
+
+@requirement("SECRETS-3")
+@pytest.mark.parametrize("answer", ["NOT_FOUND", "UNIMPLEMENTED", "not-advertised"])
+def test_missing_required_secret_fails_the_build(daemon, answer):
+    needs_n_plus_1(daemon)
+    ctx = make_context({}, dockerfile=_dockerfile(daemon, required=True))
+    overrides, secrets = {}, None
+    if answer != "not-advertised":
+        code = StatusCode[answer]
+
+        def refuse(stream):
+            stream.recv()
+            raise RpcError(code, "nothing here")
+
+        overrides = {SECRETS_GET: refuse}
+    obs = run_build(daemon.host, ctx, handler_overrides=overrides, secrets=secrets,
+                    query={"networkmode": "none", "nocache": "1"}, hang_timeout=10)
+    text = ((obs.error or "") + " " + " ".join(obs.vertex_errors)).lower()
+    expect("SECRETS-3", not obs.ok and "token" in text and "secret" in text and "exit code" not in text,
+           "the build fails because the required secret `token` is missing", obs.describe())
+
+
+@requirement("SECRETS-3")
+@pytest.mark.parametrize("answer", ["NOT_FOUND", "UNIMPLEMENTED"])
+def test_missing_optional_secret_is_left_out(daemon, answer):
+    needs_n_plus_1(daemon)
+    ctx = make_context({}, dockerfile=_dockerfile(daemon, required=False))
+    code = StatusCode[answer]
+    calls = []
+
+    def refuse(stream):
+        calls.append(stream.recv())
+        raise RpcError(code, "nothing here")
+
+    obs = run_build(daemon.host, ctx, handler_overrides={SECRETS_GET: refuse}, query={"networkmode": "none", "nocache": "1"},
+                    hang_timeout=10)
+    text = ((obs.error or "") + " " + " ".join(obs.vertex_errors)).lower()
+    # the step runs without the mount: it finds no secret and exits 3
+    expect("SECRETS-3", calls and not obs.ok and "exit code: 3" in text,
+           "an optional missing secret is left out: the step runs and sees no secret", obs.describe())
+
+
+@requirement("SECRETS-3")
+def test_present_secret_is_fetched(daemon):
+    needs_n_plus_1(daemon)
+    ctx = make_context({}, dockerfile=_dockerfile(daemon, required=True))
+    obs = run_build(daemon.host, ctx, secrets={"token": _secret_file()}, query={"networkmode": "none", "nocache": "1"},
+                    hang_timeout=10)
+    expect("SECRETS-3", SECRETS_GET in obs.calls and obs.ok,
+           "the daemon fetches the secret and the step reads it", obs.describe())
