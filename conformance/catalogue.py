@@ -271,3 +271,16 @@ def requirement_ids_for_level(level: str) -> tuple[str, ...]:
     if level not in LEVELS:
         raise ValueError(f"unknown level {level!r}; expected one of {', '.join(LEVELS)}")
     return tuple(requirement.id for requirement in _load() if requirement.level == level)
+
+
+def catalogue_as_json() -> list[dict]:
+    """The catalogue as plain data, for tools that do not read Markdown."""
+    import dataclasses
+
+    return [dataclasses.asdict(req) for req in load_catalogue().values()]
+
+
+if __name__ == "__main__":  # python -m conformance.catalogue > requirements.json
+    import json as _json
+
+    print(_json.dumps(catalogue_as_json(), indent=2, ensure_ascii=False))

@@ -271,3 +271,14 @@ def test_repeated_trailer_is_rejected():
 def test_headings_inside_code_fences_are_ignored():
     document = MINIMAL_DOCUMENT.replace("# Title\n", "# Title\n\n```\n#### not a rule\n```\n")
     assert list(parse_catalogue(document)) == ["AREA-1"]
+
+
+def test_catalogue_exports_as_json():
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "conformance.catalogue"], capture_output=True, text=True, check=True)
+    data = json.loads(out.stdout)
+    assert {r["id"] for r in data} == set(load_catalogue())
+    assert all(r["level"] in ("MUST", "SHOULD", "MAY") for r in data)
