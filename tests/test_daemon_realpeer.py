@@ -69,3 +69,33 @@ def test_local_export_matches_dockerd(dockerd, refd, tmp_path):
     real = snapshot(str(real_out), owner=owner, with_mtime_of_dirs=False)
     assert diff_snapshots(real, snapshot(str(our_out), owner=owner, with_mtime_of_dirs=False)) == []
     assert diff_snapshots(snapshot(context, owner=owner, with_mtime_of_dirs=False), real) == []
+
+
+def test_generated_contexts_export_identically(dockerd, refd, tmp_path_factory):
+    """Differential over generated contexts (.dockerignore with `!` rules, symlinks, hardlinks,
+    unicode names, empty directories): the docker CLI 20.10 gets the same `-o type=local` tree
+    from our daemon as from dockerd 20.10."""
+    from hypothesis import HealthCheck, given, settings
+
+    from conformance.test_daemon_properties import contexts, materialise
+
+    owner = (os.getuid(), os.getgid())
+
+    @settings(max_examples=8, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(contexts())
+    def check(spec):
+        context = materialise(spec)
+        base = tmp_path_factory.mktemp("diff")
+        real_out, our_out, config = base / "real", base / "ours", base / "cfg"
+        config.mkdir()
+        proc = dockerd.cli("build", "--no-cache", "-o", f"type=local,dest={real_out}", context)
+        assert proc.returncode == 0, proc.stderr
+        proc = run_docker(refd, str(config), "build", "--no-cache", "-o", f"type=local,dest={our_out}", context)
+        assert proc.returncode == 0, proc.stderr
+        # directory mtimes are the CLI's write times on both sides (not compared)
+        real = snapshot(str(real_out), owner=owner, with_mtime_of_dirs=False)
+        ours = snapshot(str(our_out), owner=owner, with_mtime_of_dirs=False)
+        assert diff_snapshots(real, ours) == [], f"context spec {spec!r}"
+
+    check()
