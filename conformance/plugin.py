@@ -11,6 +11,7 @@ Without a target option the suite runs against the embedded reference pairs.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -50,6 +51,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "requirement(*ids): the requirement IDs (conformance/SPEC.md) a test checks")
     config.addinivalue_line("markers", "destructive: may corrupt or crash a non-conforming daemon")
     config.stash[_RESULTS_KEY] = []
+    _CONFIG[0] = config
     report_dir = config.getoption("report_dir")
     if report_dir:
         os.makedirs(report_dir, exist_ok=True)
@@ -219,10 +221,23 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
             "transcript": list(getattr(exc, "transcript", []) or []),
             "seed": getattr(exc, "seed", None),
         }
-        item.config.stash[_RESULTS_KEY].append(record)
+        # travels with the report, so under xdist the controller collects every worker's records
+        report.user_properties.append((_RECORD_PROPERTY, json.dumps(record)))
         for req in reqs:
             item.user_properties.append(("requirement", req))
         item.user_properties.append(("outcome", grade))
+
+
+_RECORD_PROPERTY = "conformance-record"
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    for name, value in report.user_properties:
+        if name == _RECORD_PROPERTY:
+            _CONFIG[0].stash[_RESULTS_KEY].append(json.loads(value))
+
+
+_CONFIG: list = [None]
 
 
 def _text(value) -> str | None:
@@ -242,6 +257,8 @@ def _short_message(report: pytest.TestReport) -> str:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
+    if hasattr(config, "workerinput"):
+        return  # an xdist worker: the controller writes the reports
     results = config.stash.get(_RESULTS_KEY, [])
     report_dir = config.getoption("report_dir")
     if report_dir and results:

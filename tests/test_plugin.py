@@ -1,0 +1,63 @@
+"""The conformance plugin's grading and reports, on a tiny suite run in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+SUITE = '''
+import pytest
+from conformance.outcomes import expect, unsupported
+
+@pytest.mark.requirement("HANDSHAKE-1")
+def test_pass():
+    expect("HANDSHAKE-1", True, "x", "x")
+
+@pytest.mark.requirement("HANDSHAKE-2")
+def test_fail():
+    expect("HANDSHAKE-2", False, "one Uuid header", "two", ["> line one", "< line two"])
+
+@pytest.mark.requirement("HANDSHAKE-3")
+def test_should_not_met():
+    expect("HANDSHAKE-3", False, "a stable key", "a new key each run")
+
+@pytest.mark.requirement("METHODS-1")
+def test_optional_missing():
+    unsupported("the peer does not advertise it")
+
+@pytest.mark.requirement("METHODS-2")
+def test_harness_breaks():
+    raise KeyError("harness bug")
+'''
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["serial", "xdist"])
+def test_graded_outcomes_and_reports(pytester, workers):
+    pytester.makepyfile(test_tiny=SUITE)
+    report_dir = pytester.path / "reports"
+    result = pytester.runpytest_subprocess("--report-dir", str(report_dir), "-p", "no:cacheprovider", *workers)
+    assert result.ret != 0  # a FAIL and a harness ERROR never end in success
+    result.stdout.re_match_lines([r".*2 failed, 2 passed, 1 skipped.*"])
+    data = json.loads((report_dir / "results.json").read_text())
+    outcomes = {t["name"]: t["outcome"] for t in data["tests"]}
+    assert outcomes == {"test_pass": "PASS", "test_fail": "FAIL", "test_should_not_met": "NON-STRICT",
+                        "test_optional_missing": "UNSUPPORTED", "test_harness_breaks": "ERROR"}
+    failing = next(t for t in data["tests"] if t["name"] == "test_fail")
+    assert (failing["expected"], failing["actual"]) == ("one Uuid header", "two")
+    assert failing["transcript"] == ["> line one", "< line two"]
+    assert data["requirements"]["HANDSHAKE-2"]["outcome"] == "FAIL"
+    summary = (report_dir / "summary.md").read_text()
+    assert "HANDSHAKE-2" in summary and "one Uuid header" in summary and "< line two" in summary
+    cases = ET.parse(report_dir / "junit.xml").getroot().iter("testcase")
+    assert sorted(c.get("name") for c in cases) == sorted(outcomes)
+
+
+def test_failure_message_names_requirement_expected_actual(pytester):
+    pytester.makepyfile(test_one=SUITE)
+    result = pytester.runpytest_subprocess("-k", "test_fail", "-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines(["*-> HANDSHAKE-2 (MUST):*", "*Expected: one Uuid header*", "*Actual:   two*",
+                                 "*Transcript:*"])
