@@ -116,6 +116,9 @@ class SessionManager:
             if upgrade != "h2c":
                 exchange.error(400, f"protocol {upgrade} not supported")
                 return
+            if not session_id.strip():  # HANDSHAKE-7: no build could name it (dockerd accepts it)
+                exchange.error(400, f"missing or empty {HEADER_UUID} header")
+                return
             self._sessions[session_id] = None  # reserve the id during the handshake
         session = Session(
             session_id,
