@@ -2,8 +2,8 @@
 
 local: the daemon is the fsutil *sender* (STATs, then DATA for what the
 client requests, several files interleaved like BuildKit's four workers);
-after the FIN exchange the call is cancelled rather than half-closed, as
-BuildKit 0.8 does.  tar: raw tar bytes in ``BytesMessage``s, then a
+after the FIN exchange it half-closes and waits for the client's status
+(BuildKit 0.8 cancels the call instead; clients must accept both).  tar: raw tar bytes in ``BytesMessage``s, then a
 half-close and a wait for the client to end the call.
 """
 
@@ -161,8 +161,8 @@ def _send_tree(session, stream, rootfs, record, cancelled, stall_timeout, progre
                 if event.unfinished:
                     raise ProtocolError(f"FIN while {len(event.unfinished)} files were still being sent")
                 stream.send(sender.fin().SerializeToString())
-                stream.flush()
-                stream.cancel()  # BuildKit 0.8 returns without CloseSend; the call is cancelled
+                stream.close_send()  # FILESEND-LOCAL-4: half-close (BuildKit 0.8 cancels instead)
+                _await_end(stream, FINAL_STATUS_WAIT)
                 return
             continue
         while waiting and len(active) < PARALLEL_FILES:
@@ -182,6 +182,25 @@ def _send_tree(session, stream, rootfs, record, cancelled, stall_timeout, progre
             watchdog.progress()
             if progress is not None:
                 progress(record.bytes_sent)
+
+
+#: How long the client may take to end the call after the FIN exchange.
+FINAL_STATUS_WAIT = 10.0
+
+
+def _await_end(stream, timeout: float) -> None:
+    """Wait for the client to end the call after our half-close; a client that keeps
+    it open is cut off (the export itself is complete by then)."""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if stream.recv(max(0.01, deadline - time.monotonic())) is None:
+                return
+    except TimeoutError:
+        pass
+    except RpcError:
+        return
+    stream.cancel()
 
 
 def export_tar(session: Session, rootfs: str, *, cancelled: threading.Event, stall_timeout: float,
