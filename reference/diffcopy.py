@@ -18,8 +18,8 @@ Either side may send ERR(text) instead.  DATA for different ids may interleave.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
 
 from . import filemode
 from .errors import PeerError, ProtocolError, ValidationError

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import tarfile
-import threading
 import time
 
 import pytest

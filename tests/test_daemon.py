@@ -446,7 +446,8 @@ def test_build_cancel_endpoint(impatient):
             session.build(buildid=build_id)
     finally:
         session.close()
-    assert "context canceled" in str(info.value) and time.monotonic() - started < 0.9
+    # cancelled at 0.3 s: ended by the cancel, long before the 60 s stall timeout would
+    assert "context canceled" in str(info.value) and time.monotonic() - started < 5
 
 
 def test_export_to_a_silent_client_times_out(impatient):

@@ -380,7 +380,9 @@ def test_unary_answered_quickly_while_another_stream_sends_64_mib(pair):
     consumer.join()
     assert progress["bytes"] == megabytes << 20
     assert progress["done_at"] > finished_unary, "the bulk stream ended before the unary calls"
-    assert max(latencies) < 0.1, latencies
+    # Not a speed target (those live in benchmarks/): a starved call would wait for the whole
+    # 64 MiB transfer, i.e. seconds, and the bulk stream would end first (asserted above).
+    assert max(latencies) < 2.0, latencies
 
 
 def test_unary_answered_while_a_stream_is_stalled_by_its_reader(pair):

@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 from reference import diffcopy as dc
 from reference.client.build import BuildError, _run_build
 from reference.client.services import (
-    FILESEND_DIFFCOPY, ClientServices, StreamStats, SyncedDir, local_export_handler, tar_export_handler,
+    ClientServices, StreamStats, SyncedDir, local_export_handler, tar_export_handler,
 )
 from reference.dockerhost import EngineError
 from reference.errors import SessionError

@@ -12,19 +12,22 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from grpc_health.v1 import health_pb2
 
 from .. import diffcopy as dc
 from ..applier import TreeApplier
-from ..errors import PeerError, ProtocolError, SessionError
-from ..pb import auth_pb2, filesync_pb2, secrets_pb2
+from ..errors import PeerError, ProtocolError
+from ..pb import filesync_pb2, secrets_pb2
 from ..pb.fsutil_types_pb2 import Packet, Stat
 from ..tarstream import tar_messages
 from ..transport.base import RpcError, RpcStream, StatusCode
 from ..patterns import PatternError
 from ..walker import WalkError, open_chunks, read_chunks, walk
+
+if TYPE_CHECKING:
+    from .auth import AuthProvider
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
@@ -90,7 +93,7 @@ class ClientServices:
         filesync: tuple[str, ...] = ("diffcopy", "tarstream"),
         export: Callable[[RpcStream], None] | None = None,
         secrets: dict[str, str] | None = None,
-        auth: "AuthProvider | None" = None,
+        auth: "AuthProvider | None" = None,  # reference.client.auth.AuthProvider
         chunk_size: int = dc.GO_CHUNK_SIZE,
     ) -> None:
         self.dirs = dirs

@@ -19,7 +19,7 @@ from dataclasses import asdict
 from .builder import BadRequest, Builder, BuildOptions, go_arch
 from .cache import ContextCache
 from .config import API_VERSION, ENGINE_VERSION, MIN_API_VERSION, DaemonConfig
-from .httpserver import ClientGone, Exchange, Request
+from .httpserver import Exchange, Request
 from .images import ImageNotFound, ImageStore
 from .progress import ProgressWriter
 from .sessions import SessionManager
