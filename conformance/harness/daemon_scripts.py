@@ -161,32 +161,22 @@ class ScriptDaemon(InstrumentedDaemon):
             except OSError:
                 pass
             return False
-        values = dict(headers)
-        session_id = values.get("x-docker-expose-session-uuid", "")
-        if values.get("upgrade", "") != "h2c" or session_id in self.sessions:
-            return super()._session(sock, conn, headers)
-        record = SessionRecord(headers, session_id)
-        with self._cond:
-            self.sessions[session_id] = record
+        return super()._session(sock, conn, headers)
+
+    def _upgrade_head(self) -> bytes:
         lines = [f"HTTP/1.1 101 {self.reason}", "Connection: Upgrade", "Upgrade: h2c"]
         lines += [f"{k}: {v}" for k, v in self.extra_headers]
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode()
-        record.upgrade_response = head
-        leftover = bytes(conn.trailing_data[0])
+        return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+    def _send_upgrade(self, sock, head: bytes, session_id: str, leftover: bytes):
+        # with coalesce, the head goes out in the same write as our HTTP/2 preface
         wrapped = _PrefixedSocket(sock, head if self.coalesce else b"")
         if leftover:
             wrapped.first_bytes += leftover[:64]
         self._wrapped[session_id] = wrapped
         if not self.coalesce:
             sock.sendall(head)
-        if self.transport == "grpcio":
-            from reference.transport.grpcio_pump import connect_grpcio as connect
-        else:
-            from reference.transport.h2grpc import connect_h2 as connect
-        record.conn = connect(wrapped, leftover)
-        with self._cond:
-            self._cond.notify_all()
-        return True
+        return wrapped
 
     # -- build ------------------------------------------------------------------------------
     def _build(self, sock, conn, target: str, body: bytes) -> None:

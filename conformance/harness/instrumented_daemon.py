@@ -220,10 +220,10 @@ class InstrumentedDaemon:
         record = SessionRecord(headers, session_id)
         with self._cond:
             self.sessions[session_id] = record
-        head = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+        head = self._upgrade_head()
         record.upgrade_response = head
-        sock.sendall(head)
         leftover = bytes(conn.trailing_data[0])
+        sock = self._send_upgrade(sock, head, session_id, leftover)
         if self.transport == "grpcio":
             from reference.transport.grpcio_pump import connect_grpcio as connect
         else:
@@ -232,6 +232,15 @@ class InstrumentedDaemon:
         with self._cond:
             self._cond.notify_all()
         return True
+
+    # hooks for scripted variants of the handshake
+    def _upgrade_head(self) -> bytes:
+        return b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+
+    def _send_upgrade(self, sock, head: bytes, session_id: str, leftover: bytes):
+        """Write the 101 head; returns the socket the session's HTTP/2 runs on."""
+        sock.sendall(head)
+        return sock
 
     # -- build ------------------------------------------------------------------------------
     def _build(self, sock, conn, target: str, body: bytes) -> None:
