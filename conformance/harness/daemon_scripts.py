@@ -10,14 +10,11 @@ can judge the client precisely.
 
 from __future__ import annotations
 
-import base64
-import json
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 
-import h11
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from reference import diffcopy as dc
@@ -181,38 +178,14 @@ class ScriptDaemon(InstrumentedDaemon):
     # -- build ------------------------------------------------------------------------------
     def _build(self, sock, conn, target: str, body: bytes) -> None:
         self.build_arrivals.append(time.monotonic())
-        from urllib.parse import parse_qs, urlsplit
+        super()._build(sock, conn, target, body)
 
-        query = parse_qs(urlsplit(target).query, keep_blank_values=True)
-        build = BuildRecord(target, query, body)
-        self.builds.append(build)
-        session_id = (query.get("session") or [""])[0]
-        build.session = self.wait_for_session(session_id, self.session_wait) if session_id else None
-        if session_id and build.session is None:
-            result = ScenarioResult(image_id=None, error=f"no active session for {session_id}: context deadline exceeded")
-        else:
-            try:
-                result = self.scenario(build)
-            except Exception as exc:
-                self.errors.append(f"scenario raised {type(exc).__name__}: {exc}")
-                result = ScenarioResult(image_id=None, error=f"harness error: {exc}")
-        build.outcome = {"image_id": result.image_id, "error": result.error}
-        lines = [json.dumps({"id": "moby.buildkit.trace", "aux": base64.b64encode(t).decode()}) for t in result.trace]
-        hang = isinstance(result, ScriptResult) and result.hang
-        if not hang:
-            if result.error:
-                lines.append(json.dumps({"errorDetail": {"message": result.error}, "error": result.error}))
-            elif result.image_id:
-                lines.append(json.dumps({"id": "moby.image.id", "aux": {"ID": result.image_id}}))
-        payload = ("\r\n".join(lines) + "\r\n").encode()
-        sock.sendall(conn.send(h11.Response(status_code=200, headers=[("Content-Type", "application/json"),
-                                                                       ("Transfer-Encoding", "chunked")])))
-        sock.sendall(conn.send(h11.Data(data=payload)))
-        if hang:
-            # Like dockerd 20.10 after a FileSend error: the response stays open.
-            self._stop.wait()
-            raise OSError("hung build response ended")
-        sock.sendall(conn.send(h11.EndOfMessage()))
+    def _keeps_response_open(self, result) -> bool:
+        return isinstance(result, ScriptResult) and result.hang
+
+    def _hold_response_open(self) -> None:
+        # Like dockerd 20.10 after a FileSend error: the response stays open.
+        self._stop.wait()
 
 
 def run_client(client, context: str, fn=None, *, daemon_kw: dict | None = None, **run_kw):

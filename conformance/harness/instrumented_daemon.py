@@ -259,12 +259,24 @@ class InstrumentedDaemon:
                 result = ScenarioResult(image_id=None, error=f"harness error: {exc}")
         build.outcome = {"image_id": result.image_id, "error": result.error}
         lines = [json.dumps({"id": "moby.buildkit.trace", "aux": base64.b64encode(t).decode()}) for t in result.trace]
-        if result.error:
-            lines.append(json.dumps({"errorDetail": {"message": result.error}, "error": result.error}))
-        elif result.image_id:
-            lines.append(json.dumps({"id": "moby.image.id", "aux": {"ID": result.image_id}}))
+        hang = self._keeps_response_open(result)
+        if not hang:  # a hung response never gets its final line
+            if result.error:
+                lines.append(json.dumps({"errorDetail": {"message": result.error}, "error": result.error}))
+            elif result.image_id:
+                lines.append(json.dumps({"id": "moby.image.id", "aux": {"ID": result.image_id}}))
         payload = ("\r\n".join(lines) + "\r\n").encode()
         sock.sendall(conn.send(h11.Response(status_code=200, headers=[("Content-Type", "application/json"),
                                                                        ("Transfer-Encoding", "chunked")])))
         sock.sendall(conn.send(h11.Data(data=payload)))
+        if hang:
+            self._hold_response_open()
+            raise OSError("hung build response ended")
         sock.sendall(conn.send(h11.EndOfMessage()))
+
+    # hooks for scripted variants of the build response
+    def _keeps_response_open(self, result: ScenarioResult) -> bool:
+        return False
+
+    def _hold_response_open(self) -> None:
+        """Keep a response open after the trace (until the daemon closes)."""
