@@ -13,6 +13,7 @@ import time
 import traceback
 
 from . import contexts
+from .procs import compile_bytecode
 from .report import SuiteResult, format_summary, format_table
 
 SUITES = ("core", "client", "daemon")
@@ -77,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, _interrupt)
 
     machine = _machine()
+    machine["bytecode"] = compile_bytecode()
     print(f"benchmarks: {opts.files} files, ~{opts.megabytes:g} MiB, {opts.runs} runs, seed {opts.seed}; "
-          f"{machine['cpus']} CPUs, load {machine['loadavg'][0]:.2f}", flush=True)
+          f"{machine['cpus']} CPUs, load {machine['loadavg'][0]:.2f}; {machine['bytecode']}", flush=True)
     names = SUITES if opts.suite == "all" else (opts.suite,)
     results: list[SuiteResult] = []
     started = time.monotonic()

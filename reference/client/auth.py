@@ -19,22 +19,17 @@ import hmac
 import json
 import os
 import secrets
-import subprocess
 import threading
-import urllib.error
 import urllib.parse
-import urllib.request
-from datetime import datetime
 from typing import Mapping, Protocol
 
 from ..pb import auth_pb2
 from ..session import docker_config_dir
 from ..transport.base import RpcError, RpcStream, StatusCode
-
-CREDENTIALS = "/moby.filesync.v1.Auth/Credentials"
-FETCH_TOKEN = "/moby.filesync.v1.Auth/FetchToken"
-GET_TOKEN_AUTHORITY = "/moby.filesync.v1.Auth/GetTokenAuthority"
-VERIFY_TOKEN_AUTHORITY = "/moby.filesync.v1.Auth/VerifyTokenAuthority"
+from .methods import AUTH_CREDENTIALS as CREDENTIALS
+from .methods import AUTH_FETCH_TOKEN as FETCH_TOKEN
+from .methods import AUTH_GET_TOKEN_AUTHORITY as GET_TOKEN_AUTHORITY
+from .methods import AUTH_VERIFY_TOKEN_AUTHORITY as VERIFY_TOKEN_AUTHORITY
 
 # The daemon asks for Docker Hub as registry-1.docker.io; the CLI keeps its credentials under this key.
 DOCKER_HUB_HOSTS = {"registry-1.docker.io", "docker.io", "index.docker.io"}
@@ -106,6 +101,8 @@ class DockerConfigCredentials:
 
     @staticmethod
     def _from_helper(helper: str, key: str) -> tuple[str, str]:
+        import subprocess  # credential helpers are rare; keep them off the start-up path
+
         try:
             proc = subprocess.run([f"docker-credential-{helper}", "get"], input=key.encode(),
                                   capture_output=True, timeout=30)
@@ -348,6 +345,8 @@ def _token_get(realm, service, scopes, user, secret, timeout, log) -> tuple[str,
     query += [("scope", s) for s in scopes]
     query.sort(key=lambda kv: kv[0])  # Go's url.Values.Encode sorts by key
     url = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+    import urllib.request  # token fetches are rare; urllib.request costs ~20 ms of start-up
+
     req = urllib.request.Request(url)
     if secret:
         req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{secret}".encode()).decode())
@@ -369,6 +368,8 @@ def _token_post(realm, service, scopes, user, secret, client_id, timeout, log) -
     else:
         form.update(grant_type="refresh_token", refresh_token=secret)
     data = urllib.parse.urlencode(sorted(form.items())).encode()
+    import urllib.request
+
     req = urllib.request.Request(realm, data=data, method="POST",
                                  headers={"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"})
     body = _token_request(req, timeout, log)
@@ -378,7 +379,10 @@ def _token_post(realm, service, scopes, user, secret, client_id, timeout, log) -
     return token, _int(body.get("expires_in")), _issued_at(body.get("issued_at"))
 
 
-def _token_request(req: urllib.request.Request, timeout: float, log: list | None) -> dict:
+def _token_request(req: "urllib.request.Request", timeout: float, log: list | None) -> dict:
+    import urllib.error
+    import urllib.request
+
     if log is not None:
         log.append((req.get_method(), req.full_url))
     try:
@@ -408,6 +412,8 @@ def _issued_at(text) -> int:
     """RFC 3339 ``issued_at`` as unix seconds; 0 (Go's zero time, so no IssuedAt on the wire) when absent."""
     if not text:
         return 0
+    from datetime import datetime
+
     try:
         return int(datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp())
     except ValueError:

@@ -19,13 +19,20 @@ from dataclasses import dataclass, field
 from typing import Callable, TextIO
 from urllib.parse import urlencode
 
+from typing import TYPE_CHECKING
+
 from ..dockerhost import EngineError, HttpConnection, connect, error_message
 from ..errors import SessionError
-from ..pb.control_pb2 import StatusResponse
 from ..session import SessionRequest, new_session_id, open_session, shared_key_for
-from ..transport.base import ServerConnection
-from .auth import AuthProvider
-from .services import ClientServices, StreamStats, SyncedDir, local_export_handler, tar_export_handler
+from .methods import advertised_methods
+
+if TYPE_CHECKING:
+    from ..pb.control_pb2 import StatusResponse
+    from .services import ClientServices, StreamStats
+
+# Only what opening the session and sending /build needs is imported up front:
+# the serving stack (h2, protobuf, file sync) loads while the daemon prepares
+# the build, see build().
 
 GENERATIONS = {
     # generation: (file sync protocols, token authority)
@@ -119,10 +126,74 @@ def build(
     if not os.path.isdir(context_dir):
         raise SessionError(f"context {context!r} is not a directory")
     dockerfile_path = os.path.abspath(dockerfile) if dockerfile else os.path.join(context_dir, "Dockerfile")
-    # Generation n is the 2017 request: the Dockerfile travels as the /build body,
-    # the context is one unnamed directory and the client applies .dockerignore.
+    # Generation n is the 2017 request: the Dockerfile travels as the /build body.
     legacy_request = generation == "n"
+    methods = advertised_methods(filesync, exporting=bool(outputs), secrets=bool(secrets), auth=True,
+                                 token_authority=token_authority)
+    request = SessionRequest(new_session_id(), os.path.basename(context_dir) or context,
+                             shared_key_for(context_dir), methods)
+    query = {
+        "version": "2",
+        "session": request.session_id,
+        "remote": "client-session",
+        "dockerfile": os.path.basename(dockerfile_path),
+        "buildid": _secrets.token_hex(16),
+        "rm": "1",
+    }
+    body = None
     if legacy_request:
+        del query["version"], query["buildid"]
+        with open(dockerfile_path, "rb") as fh:
+            body = fh.read()
+    if tags:
+        query["t"] = list(tags)
+    if outputs:
+        query["outputs"] = json.dumps([{"Type": out.type, "Attrs": {}} for out in outputs])
+    if build_args:
+        query["buildargs"] = json.dumps(build_args)
+    if labels:
+        query["labels"] = json.dumps(labels)
+    if target:
+        query["target"] = target
+    if network:
+        query["networkmode"] = network
+    if no_cache:
+        query["nocache"] = "1"
+    if pull:
+        query["pull"] = "1"
+    query.update(extra_query or {})
+
+    sock, leftover = open_session(request, host)
+    server = response = None
+    try:
+        # The daemon looks up the session, parses the request and starts solving
+        # while we import and start the serving side; it waits for the session's
+        # HTTP/2 handshake before its first call, and polls health only after 1 s.
+        response = _BuildResponse(query, host, body)
+        services = _client_services(context_dir, dockerfile_path, legacy_request, filesync, secrets,
+                                    token_authority, outputs)
+        handlers = services.handlers()
+        if sorted(handlers) != methods:
+            raise AssertionError(f"served methods {sorted(handlers)} differ from the advertised {methods}")
+        server = _serve(transport)(sock, handlers, leftover)
+        image_id, vertex_errors = response.follow(progress, timeout, hang_timeout)
+    finally:
+        if response is not None:
+            response.close()
+        if server is not None:
+            server.close()
+        sock.close()
+    return BuildResult(image_id, services.streams, services.calls, request.session_id, request.methods,
+                       vertex_errors, time.monotonic() - started)
+
+
+def _client_services(context_dir: str, dockerfile_path: str, legacy_request: bool, filesync, secrets,
+                     token_authority: bool, outputs) -> "ClientServices":
+    from .auth import AuthProvider
+    from .services import ClientServices, SyncedDir, local_export_handler, tar_export_handler
+
+    if legacy_request:
+        # The 2017 request: the context is one unnamed directory and the client applies .dockerignore.
         dirs = {"": SyncedDir(context_dir, owner=(0, 0), excludes=_read_dockerignore(context_dir, dockerfile_path))}
     else:
         dirs = {
@@ -131,53 +202,10 @@ def build(
         }
     services = ClientServices(dirs, filesync=filesync, secrets=secrets,
                               auth=AuthProvider(token_authority=token_authority))
-    output_attrs = []
     for out in outputs:
         make = local_export_handler if out.type == "local" else tar_export_handler
         services.export = make(out.dest, services._record)
-        output_attrs.append({"Type": out.type, "Attrs": {}})
-    handlers = services.handlers()
-    request = SessionRequest(new_session_id(), os.path.basename(context_dir) or context,
-                             shared_key_for(context_dir), sorted(handlers))
-    sock, leftover = open_session(request, host)
-    server: ServerConnection = _serve(transport)(sock, handlers, leftover)
-    try:
-        query = {
-            "version": "2",
-            "session": request.session_id,
-            "remote": "client-session",
-            "dockerfile": os.path.basename(dockerfile_path),
-            "buildid": _secrets.token_hex(16),
-            "rm": "1",
-        }
-        body = None
-        if legacy_request:
-            del query["version"], query["buildid"]
-            with open(dockerfile_path, "rb") as fh:
-                body = fh.read()
-        if tags:
-            query["t"] = list(tags)
-        if output_attrs:
-            query["outputs"] = json.dumps(output_attrs)
-        if build_args:
-            query["buildargs"] = json.dumps(build_args)
-        if labels:
-            query["labels"] = json.dumps(labels)
-        if target:
-            query["target"] = target
-        if network:
-            query["networkmode"] = network
-        if no_cache:
-            query["nocache"] = "1"
-        if pull:
-            query["pull"] = "1"
-        query.update(extra_query or {})
-        image_id, vertex_errors = _run_build(query, host, progress, timeout, hang_timeout, body)
-    finally:
-        server.close()
-        sock.close()
-    return BuildResult(image_id, services.streams, services.calls, request.session_id, request.methods,
-                       vertex_errors, time.monotonic() - started)
+    return services
 
 
 def _read_dockerignore(context_dir: str, dockerfile_path: str) -> list[str]:
@@ -194,17 +222,34 @@ def _read_dockerignore(context_dir: str, dockerfile_path: str) -> list[str]:
 
 
 def _run_build(query, host, progress, timeout, hang_timeout, body: bytes | None = None) -> tuple[str | None, list[str]]:
-    """POST /build and follow its JSON stream on a reader thread, so that a
-    daemon that reports a vertex error and then never ends the response (a
-    known dockerd 20.10 hang) is cut off after ``hang_timeout``."""
-    sock = connect(host, timeout=None)
-    events: queue.Queue = queue.Queue()
+    """POST /build and follow it to the end: (image id, vertex errors)."""
+    response = _BuildResponse(query, host, body)
+    try:
+        return response.follow(progress, timeout, hang_timeout)
+    finally:
+        response.close()
 
-    def reader() -> None:
+
+class _BuildResponse:
+    """A POST /build in flight, its JSON stream read on a thread.
+
+    The thread lets ``follow`` cut off a daemon that reports a vertex error and
+    then never ends the response (a known dockerd 20.10 hang) after
+    ``hang_timeout``, and lets the request go out before the session is served.
+    """
+
+    def __init__(self, query, host, body: bytes | None = None):
+        self.sock = connect(host, timeout=None)
+        self.events: queue.Queue = queue.Queue()
+        path = "/build?" + urlencode(query, doseq=True)
+        headers = [("Content-Type", "application/x-tar")] if body is not None else []
+        threading.Thread(target=self._read, args=(path, headers, body), name="build-response", daemon=True).start()
+
+    def _read(self, path: str, headers, body: bytes | None) -> None:
+        events = self.events
         try:
-            http = HttpConnection(sock)
-            headers = [("Content-Type", "application/x-tar")] if body is not None else []
-            resp = http.request("POST", "/build?" + urlencode(query, doseq=True), headers, body)
+            http = HttpConnection(self.sock)
+            resp = http.request("POST", path, headers, body)
             if resp.status != 200:
                 events.put(EngineError(resp.status, error_message(http.read_body())))
                 return
@@ -214,13 +259,13 @@ def _run_build(query, host, progress, timeout, hang_timeout, body: bytes | None 
         except BaseException as exc:  # delivered to the caller
             events.put(exc)
 
-    thread = threading.Thread(target=reader, name="build-response", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout if timeout else None
-    image_id = None
-    vertex_errors: list[str] = []
-    error_seen_at: float | None = None
-    try:
+    def follow(self, progress, timeout, hang_timeout) -> tuple[str | None, list[str]]:
+        from ..pb.control_pb2 import StatusResponse
+
+        deadline = time.monotonic() + timeout if timeout else None
+        image_id = None
+        vertex_errors: list[str] = []
+        error_seen_at: float | None = None
         while True:
             wait = 1.0
             if deadline is not None:
@@ -230,7 +275,7 @@ def _run_build(query, host, progress, timeout, hang_timeout, body: bytes | None 
             if error_seen_at is not None and time.monotonic() - error_seen_at > hang_timeout:
                 raise BuildError("the daemon reported an error but did not end the build: " + "; ".join(vertex_errors))
             try:
-                item = events.get(timeout=max(wait, 0.01))
+                item = self.events.get(timeout=max(wait, 0.01))
             except queue.Empty:
                 continue
             if item is None:
@@ -254,13 +299,14 @@ def _run_build(query, host, progress, timeout, hang_timeout, body: bytes | None 
                 image_id = aux.get("ID")
             elif aux_id is None and isinstance(aux, dict) and aux.get("ID"):
                 image_id = aux["ID"]  # the legacy builder's shape (2017 request)
-    finally:
+        return image_id, vertex_errors
+
+    def close(self) -> None:
         try:
-            sock.shutdown(2)
+            self.sock.shutdown(2)
         except OSError:
             pass
-        sock.close()
-    return image_id, vertex_errors
+        self.sock.close()
 
 
 class PlainProgress:

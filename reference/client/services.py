@@ -7,38 +7,38 @@ on either transport.  File sync and export drive the sans-IO machines from
 
 from __future__ import annotations
 
+import collections
 import os
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from grpc_health.v1 import health_pb2
 
 from .. import diffcopy as dc
-from ..applier import TreeApplier
 from ..errors import PeerError, ProtocolError
 from ..pb import filesync_pb2, secrets_pb2
 from ..pb.fsutil_types_pb2 import Packet, Stat
-from ..tarstream import tar_messages
 from ..transport.base import RpcError, RpcStream, StatusCode
 from ..patterns import PatternError
 from ..walker import WalkError, open_chunks, read_chunks, walk
+from .methods import (  # noqa: F401  (re-exported: the suite imports them from here)
+    AUTH_CREDENTIALS,
+    AUTH_FETCH_TOKEN,
+    AUTH_GET_TOKEN_AUTHORITY,
+    AUTH_VERIFY_TOKEN_AUTHORITY,
+    FILESEND_DIFFCOPY,
+    FILESYNC_DIFFCOPY,
+    FILESYNC_TARSTREAM,
+    HEALTH_CHECK,
+    HEALTH_WATCH,
+    SECRETS_GET,
+)
 
 if TYPE_CHECKING:
     from .auth import AuthProvider
-
-HEALTH_CHECK = "/grpc.health.v1.Health/Check"
-HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
-FILESYNC_DIFFCOPY = "/moby.filesync.v1.FileSync/DiffCopy"
-FILESYNC_TARSTREAM = "/moby.filesync.v1.FileSync/TarStream"
-FILESEND_DIFFCOPY = "/moby.filesync.v1.FileSend/DiffCopy"
-SECRETS_GET = "/moby.buildkit.secrets.v1.Secrets/GetSecret"
-AUTH_CREDENTIALS = "/moby.filesync.v1.Auth/Credentials"
-AUTH_FETCH_TOKEN = "/moby.filesync.v1.Auth/FetchToken"
-AUTH_GET_TOKEN_AUTHORITY = "/moby.filesync.v1.Auth/GetTokenAuthority"
-AUTH_VERIFY_TOKEN_AUTHORITY = "/moby.filesync.v1.Auth/VerifyTokenAuthority"
 
 #: Secrets larger than this are refused, as the docker CLI's provider does.
 MAX_SECRET_SIZE = 500 * 1024
@@ -215,6 +215,8 @@ class ClientServices:
                     record.bytes_sent += len(chunk)
                     yield chunk
 
+            from ..tarstream import tar_messages  # generation n only
+
             batch = []
             for payload in tar_messages(stats, read):
                 batch.append(filesync_pb2.BytesMessage(data=payload).SerializeToString())
@@ -262,38 +264,64 @@ def send_tree(stream: RpcStream, root: str, entry_filter, owner, record: StreamS
     batch.append(sender.end_listing().SerializeToString())
     stream.send_many(batch)
     stream.flush()
+    _serve_requests(stream, sender, root, record, chunk_size)
+
+
+#: fsutil's sender runs four workers, so the DATA of up to four requested files
+#: interleave on the wire; the receiver (dockerd's disk writer) then writes and
+#: hashes up to four files at once instead of handing chunks of one file over
+#: one at a time.
+FILES_IN_FLIGHT = 4
+
+
+def _serve_requests(stream: RpcStream, sender: dc.DiffCopySender, root: str, record: StreamStats,
+                    chunk_size: int) -> None:
+    """Answer REQs until the receiver's FIN: up to ``FILES_IN_FLIGHT`` files are
+    read at once, one chunk of each per round, and new REQs are taken between
+    rounds without waiting."""
+    waiting: collections.deque = collections.deque()  # requested, not opened yet
+    active: list[tuple[int, Iterator[bytes]]] = []  # (file id, chunks)
     while True:
-        raw = stream.recv()
-        if raw is None:
-            raise RpcError(StatusCode.CANCELLED, "the receiver closed the stream without FIN")
-        event = sender.receive(Packet.FromString(raw))
-        if isinstance(event, dc.FileRequested):
+        # Read what the receiver sent; block only when there is nothing to send.
+        while True:
+            try:
+                raw = stream.recv(timeout=0 if (active or waiting) else None)
+            except TimeoutError:
+                break
+            if raw is None:
+                raise RpcError(StatusCode.CANCELLED, "the receiver closed the stream without FIN")
+            event = sender.receive(Packet.FromString(raw))
+            if not isinstance(event, dc.FileRequested):  # FIN: answer it and end the call
+                stream.send(sender.fin().SerializeToString())
+                stream.flush()
+                return
             record.reqs_received += 1
             record.requested.append(event.path)
-            out = []
-            path = os.path.join(root, event.path)
+            waiting.append(event)
+        while waiting and len(active) < FILES_IN_FLIGHT:
+            event = waiting.popleft()
             try:
-                chunks = open_chunks(path, chunk_size)
+                active.append((event.file_id, open_chunks(os.path.join(root, event.path), chunk_size)))
             except OSError as exc:  # ERR rather than an empty file nobody notices
                 message = f"cannot read {event.path!r}: {exc.strerror}"
                 stream.send(sender.error(message).SerializeToString())
                 stream.flush()
                 raise RpcError(StatusCode.UNKNOWN, message) from None
-            for chunk in chunks:
-                out.append(sender.data(event.file_id, chunk).SerializeToString())
+        out = []
+        for entry in list(active):
+            file_id, chunks = entry
+            chunk = next(chunks, None)
+            if chunk is None:
+                out.append(sender.end_file(file_id).SerializeToString())
+                record.files_sent += 1
+                active.remove(entry)
+            else:
+                out.append(sender.data(file_id, chunk).SerializeToString())
                 record.bytes_sent += len(chunk)
-                if len(out) >= 16:
-                    stream.send_many(out)
-                    out = []
-            out.append(sender.end_file(event.file_id).SerializeToString())
+        if out:
             stream.send_many(out)
-            record.files_sent += 1
-            if not stream_has_pending(stream):
-                stream.flush()
-        else:
-            stream.send(sender.fin().SerializeToString())
+        if not active and not waiting:
             stream.flush()
-            return
 
 
 def stream_has_pending(stream: RpcStream) -> bool:
@@ -321,6 +349,8 @@ def local_export_handler(dest: str, records: Callable[[StreamStats], None]) -> C
         started = time.monotonic()
         record = StreamStats(FILESEND_DIFFCOPY, protocol="diffcopy")
         os.makedirs(dest, mode=0o700, exist_ok=True)
+        from ..applier import TreeApplier  # exports only
+
         receiver = dc.DiffCopyReceiver(merge=True, stat_filter=as_own)
         applier = TreeApplier(dest, chown=None)
         complete = False
