@@ -345,9 +345,9 @@ def _token_get(realm, service, scopes, user, secret, timeout, log) -> tuple[str,
     query += [("scope", s) for s in scopes]
     query.sort(key=lambda kv: kv[0])  # Go's url.Values.Encode sorts by key
     url = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
-    import urllib.request  # token fetches are rare; urllib.request costs ~20 ms of start-up
+    from urllib.request import Request  # token fetches are rare; urllib.request costs ~20 ms of start-up
 
-    req = urllib.request.Request(url)
+    req = Request(url)
     if secret:
         req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{secret}".encode()).decode())
     body = _token_request(req, timeout, log)
@@ -368,9 +368,9 @@ def _token_post(realm, service, scopes, user, secret, client_id, timeout, log) -
     else:
         form.update(grant_type="refresh_token", refresh_token=secret)
     data = urllib.parse.urlencode(sorted(form.items())).encode()
-    import urllib.request
+    from urllib.request import Request
 
-    req = urllib.request.Request(realm, data=data, method="POST",
+    req = Request(realm, data=data, method="POST",
                                  headers={"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"})
     body = _token_request(req, timeout, log)
     token = body.get("access_token") or ""
@@ -380,17 +380,17 @@ def _token_post(realm, service, scopes, user, secret, client_id, timeout, log) -
 
 
 def _token_request(req: "urllib.request.Request", timeout: float, log: list | None) -> dict:
-    import urllib.error
-    import urllib.request
+    from urllib.error import HTTPError, URLError
+    from urllib.request import urlopen
 
     if log is not None:
         log.append((req.get_method(), req.full_url))
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with urlopen(req, timeout=timeout) as resp:
             raw = resp.read()
-    except urllib.error.HTTPError as exc:
+    except HTTPError as exc:
         raise TokenFetchError(f"unexpected status: {exc.code} {exc.reason}", exc.code) from None
-    except (urllib.error.URLError, OSError) as exc:
+    except (URLError, OSError) as exc:
         raise TokenFetchError(f"{req.get_method()} {req.full_url}: {exc}") from None
     try:
         body = json.loads(raw)
