@@ -205,6 +205,8 @@ class EngineApi:
             return
         deleted, reclaimed = self.cache.prune(all=request.flag("all"), older_than=older_than,
                                               keep_storage=keep_storage)
+        if request.flag("all") and older_than is None and not keep_storage:
+            self.images.forget_steps()  # the COPY results are build cache too: the next build runs cold
         exchange.json(200, {"CachesDeleted": deleted or None, "SpaceReclaimed": reclaimed})
 
     def build_cancel(self, request: Request, exchange: Exchange) -> None:

@@ -23,14 +23,17 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
+from ..walker import WalkError
 from . import dockerfile as dfp
 from . import export, filesync
 from .cache import ContextCache, Lease
 from .config import DaemonConfig
 from .errors import BuildCancelled, BuildError, Redactor
 from .httpserver import ClientGone
-from .fsops import Copier, FsError, clean, extract_layer, resolve_in_root, source_digest, write_layer
+from .fsops import (Copier, FsError, SourceLinks, clean, extract_layer, resolve_in_root, source_digest,
+                    write_layer)
 from .images import ImageStore, InvalidReference, normalize_tag, rfc3339_now
+from .listing import TreeListing
 from .progress import ProgressWriter, TraceEmitter, VertexProgress
 from .sessions import Session, SessionManager
 
@@ -272,7 +275,7 @@ class Builder:
         except dfp.DockerfileError as exc:
             raise BuildError(f"failed to solve with frontend dockerfile.v0: failed to create LLB definition: {exc}") from None
 
-        context_tree = None
+        context_tree = context_listing = None
         if any(step.kind == "COPY" for step in plan.steps):
             vertex = trace.vertex("[internal] load build context").start()
             try:
@@ -280,6 +283,7 @@ class Builder:
                 self._sync(session, protocol, filesync.SyncRequest("context", exclude_patterns=excludes),
                            context_lease, vertex, "context", cancelled, record)
                 context_tree = context_lease.tree
+                context_listing = context_lease.listing()
                 vertex.done()
             except BuildError as exc:
                 vertex.fail(self.redact(str(exc)))
@@ -298,7 +302,8 @@ class Builder:
                                  f"failed to create LLB definition: {exc}") from None
         # exports need the whole tree on disk; an image only needs the layers, so steps may be cached
         runner = StepRunner(self, context_tree, rootfs, workdir,
-                            use_cache=options.output is None and not options.no_cache, base=base)
+                            use_cache=options.output is None and not options.no_cache, base=base,
+                            context_listing=context_listing)
         previous = []
         for index, step in enumerate(plan.steps, 1):
             vertex = trace.vertex(f"[{index}/{len(plan.steps)}] {step.text}", previous).start()
@@ -367,24 +372,30 @@ class Builder:
 
     def _sync(self, session, protocol, request, lease, vertex: VertexProgress | None, label, cancelled, record) -> None:
         status = f"transferring {label}:"
-        lease.begin_sync()
         try:
+            # the entry's kept listing is the diff base: an unchanged tree is not walked again
+            previous = lease.listing().diff_base() if protocol == "diffcopy" else None
             result = filesync.sync(
                 session, protocol, request, lease.tree, cancelled=cancelled,
                 stall_timeout=self.config.stall_timeout,
                 progress=(lambda n: vertex.status(status, n)) if vertex is not None else None,
+                previous=previous, on_change=lease.begin_sync,
             )
+            if result.changed or not lease.complete:
+                lease.sync_complete()
+        except WalkError as exc:
+            raise BuildError(self.redact(f"cannot list the cached {label}: {exc}")) from None
         except BuildError as exc:
             record.streams.append({"dir_name": request.dir_name, "protocol": protocol,
                                    "metadata": request.metadata(), "error": self.redact(str(exc))})
             raise BuildError(self.redact(str(exc))) from None
-        lease.sync_complete()
         record.streams.append(asdict(result))
         if vertex is not None:
             vertex.status(status, result.bytes_received, completed=True)
 
-    def _run_step(self, step: Step, context_tree: str | None, rootfs: str, workdir: str, index: int) -> dict:
-        copier = Copier(context_tree or rootfs, rootfs, step.chown)
+    def _run_step(self, step: Step, context_tree: str | None, rootfs: str, workdir: str, index: int,
+                  links: SourceLinks | None = None) -> dict:
+        copier = Copier(context_tree or rootfs, rootfs, step.chown, links if context_tree else None)
         try:
             if step.kind == "COPY":
                 copier.copy(step.sources, step.dest, step.workdir)
@@ -465,7 +476,8 @@ class Builder:
         if plan.base.lower() != "scratch":
             say(f"Pulling {plan.base}\n")
             base = self._pull_base(plan.base, session, rootfs, workdir)
-        runner = StepRunner(self, lease.tree, rootfs, workdir, use_cache=not options.no_cache, base=base)
+        runner = StepRunner(self, lease.tree, rootfs, workdir, use_cache=not options.no_cache, base=base,
+                            context_listing=lease.listing())
         total = len(plan.history)
         steps = iter(plan.steps)
         for index, entry in enumerate(plan.history, 1):
@@ -497,9 +509,12 @@ class StepRunner:
     from layers only when a later step has to run for real."""
 
     def __init__(self, builder: "Builder", context_tree: str | None, rootfs: str, workdir: str, *, use_cache: bool,
-                 base: BaseImage | None = None):
+                 base: BaseImage | None = None, context_listing: TreeListing | None = None):
         self.builder = builder
         self.context_tree = context_tree
+        self.context_listing = context_listing
+        # COPY hardlinks files from the context (leased until the build ends) instead of copying them
+        self.links = SourceLinks(context_listing.multi_named()) if context_listing is not None else None
         self.rootfs = rootfs
         self.workdir = workdir
         self.use_cache = use_cache
@@ -510,7 +525,8 @@ class StepRunner:
 
     def _step_key(self, step: Step) -> str:
         spec = json.dumps([step.kind, step.sources, step.dest, step.workdir, step.chown])
-        inputs = source_digest(self.context_tree, step.sources) if step.kind == "COPY" and self.context_tree else ""
+        inputs = (source_digest(self.context_tree, step.sources, self.context_listing)
+                  if step.kind == "COPY" and self.context_tree else "")
         return hashlib.sha256(f"{self._key}\n{spec}\n{inputs}".encode()).hexdigest()
 
     def run(self, index: int, step: Step) -> bool:
@@ -526,7 +542,7 @@ class StepRunner:
         for layer in self.layers[self._in_rootfs:]:  # catch the tree up with cached steps
             if layer["diff_id"]:
                 extract_layer(images.layer_path(layer["diff_id"]), self.rootfs)
-        layer = self.builder._run_step(step, self.context_tree, self.rootfs, self.workdir, index)
+        layer = self.builder._run_step(step, self.context_tree, self.rootfs, self.workdir, index, self.links)
         self.layers.append(layer)
         self._in_rootfs = len(self.layers)
         if key is not None:

@@ -10,10 +10,13 @@ for the same reason).  Layout under ``<root>/cache``::
     <id>/complete    exists only while tree/ equals a full sync
 
 An entry is leased by one build at a time, from the sync through the last
-COPY that reads it; a concurrent build with the same key gets another entry
-(starting with an empty diff base) instead of waiting or sharing, so builds
-never see each other's half-synced trees.  The index is rebuilt from disk at
-start-up, so the cache survives a restart.
+COPY that reads it (which may hardlink its files into the build's rootfs); a
+concurrent build with the same key gets another entry (starting with an
+empty diff base) instead of waiting or sharing, so builds never see each
+other's half-synced trees.  The index is rebuilt from disk at
+start-up, so the cache survives a restart.  While the daemon runs, each
+entry also keeps its tree's listing in memory (see :mod:`.listing`): a sync
+that changes nothing then costs no walk of the tree and no disk writes.
 """
 
 from __future__ import annotations
@@ -28,9 +31,14 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
+from .listing import TreeListing
+
 log = logging.getLogger("reference.daemon.cache")
 
 _ID_ALPHABET = string.digits + string.ascii_lowercase
+# Paths of kept listings over all free entries (about 1 KiB of memory each); beyond
+# this the least recently used entries are walked again when next used.
+KEPT_LISTING_PATHS = 60_000
 RECORD_TYPE = "source.local"
 
 
@@ -39,26 +47,16 @@ def new_record_id() -> str:
     return "".join(secrets.choice(_ID_ALPHABET) for _ in range(25))
 
 
-def tree_size(path: str) -> int:
-    """Bytes used by the entries below ``path`` (lstat sizes, directories excluded)."""
-    total = 0
-    for dirpath, dirnames, filenames in os.walk(path):
-        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                pass
-    return total
-
-
-def _write_atomic(path: str, data: bytes) -> None:
+def _write_atomic(path: str, data: bytes, *, durable: bool = True) -> None:
     tmp = f"{path}.{secrets.token_hex(4)}.tmp"
     with open(tmp, "wb") as fh:
         fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path))
+    if durable:
+        _fsync_dir(os.path.dirname(path))
 
 
 def _fsync_dir(path: str) -> None:
@@ -87,6 +85,8 @@ class CacheEntry:
         self.meta = meta
         self.complete = complete
         self.in_use = False
+        # the tree's walk while it is known unchanged; None: walk it when needed
+        self.listing: TreeListing | None = None
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -100,8 +100,8 @@ class CacheEntry:
     def marker(self) -> str:
         return os.path.join(self.base, "complete")
 
-    def save_meta(self) -> None:
-        _write_atomic(os.path.join(self.base, "meta.json"), json.dumps(asdict(self.meta)).encode())
+    def save_meta(self, *, durable: bool = True) -> None:
+        _write_atomic(os.path.join(self.base, "meta.json"), json.dumps(asdict(self.meta)).encode(), durable=durable)
 
 
 class Lease:
@@ -120,16 +120,31 @@ class Lease:
     def id(self) -> str:
         return self.entry.meta.id
 
+    @property
+    def complete(self) -> bool:
+        return self.entry.complete
+
+    def listing(self) -> TreeListing:
+        """The tree's listing: the one kept since it last changed, or a fresh walk."""
+        entry = self.entry
+        if entry.listing is None:
+            entry.listing = TreeListing.of(entry.tree)
+        return entry.listing
+
     def begin_sync(self) -> None:
-        """From here until :meth:`sync_complete` the tree is not a full copy."""
+        """The tree is about to change: from here until :meth:`sync_complete`
+        it is not a full copy, and its kept listing is stale."""
+        self.entry.listing = None
         if self.entry.complete:
             os.unlink(self.entry.marker)
             _fsync_dir(self.entry.base)
             self.entry.complete = False
 
     def sync_complete(self) -> None:
+        """The tree equals a full sync again (walked once more for its size and listing)."""
         entry = self.entry
-        entry.meta.size = tree_size(entry.tree)
+        entry.listing = TreeListing.of(entry.tree)
+        entry.meta.size = entry.listing.size()
         entry.save_meta()
         _write_atomic(entry.marker, b"complete\n")
         entry.complete = True
@@ -203,9 +218,19 @@ class ContextCache:
             entry.meta.last_used_at = time.time()
             if entry.meta.id in self._entries:
                 try:
-                    entry.save_meta()
+                    entry.save_meta(durable=False)  # only times and counts changed
                 except OSError:
                     pass
+            self._bound_kept_listings()
+
+    def _bound_kept_listings(self) -> None:
+        kept = sorted((e for e in self._entries.values() if e.listing is not None and not e.in_use),
+                      key=lambda e: e.meta.last_used_at, reverse=True)
+        total = 0
+        for entry in kept:
+            total += len(entry.listing.stats)
+            if total > KEPT_LISTING_PATHS:
+                entry.listing = None
 
     # -- usage, prune, gc -------------------------------------------------------
     def records(self) -> list[dict]:

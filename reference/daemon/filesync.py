@@ -39,6 +39,8 @@ METHODS = {
 }
 # REQs sent in one write while the listing arrives.
 REQ_BATCH = 128
+# Progress is reported after at least this many more bytes (and at the end).
+PROGRESS_STEP = 256 << 10
 # How long a receive waits before re-checking cancellation.
 POLL = 0.25
 # After the FIN exchange the sender should end its call promptly.
@@ -98,9 +100,24 @@ class SyncRecord:
     bytes_received: int = 0
     seconds: float = 0.0
     error: str = ""
+    changed: bool = False  # whether the tree was touched at all
 
 
 Progress = Callable[[int], None]  # bytes received so far
+
+
+class _ChangeNotice:
+    """Calls ``on_change`` once, just before the first write to the tree."""
+
+    def __init__(self, record: SyncRecord, on_change: Callable[[], None] | None):
+        self._record = record
+        self._on_change = on_change
+
+    def __call__(self) -> None:
+        if not self._record.changed:
+            self._record.changed = True
+            if self._on_change is not None:
+                self._on_change()
 
 
 class _Receive:
@@ -139,9 +156,17 @@ def sync(
     cancelled: threading.Event,
     stall_timeout: float,
     progress: Progress | None = None,
+    previous: list | None = None,
+    on_change: Callable[[], None] | None = None,
 ) -> SyncRecord:
-    """Make ``tree`` equal to the client's directory; raises BuildError on failure."""
+    """Make ``tree`` equal to the client's directory; raises BuildError on failure.
+
+    ``previous`` is the tree's listing if the caller has it, as Stats or as
+    the receiver's diff-base entries (else the tree is walked); ``on_change``
+    runs once, before anything in the tree changes.
+    """
     record = SyncRecord(request.dir_name, protocol, request.metadata())
+    changing = _ChangeNotice(record, on_change)
     started = time.monotonic()
     try:
         stream = session.conn.open_stream(METHODS[protocol], request.metadata())
@@ -150,9 +175,11 @@ def sync(
     receive = _Receive(stream, session, cancelled, stall_timeout)
     try:
         if protocol == "diffcopy":
-            _receive_diffcopy(stream, receive, tree, record, progress)
+            if previous is None:
+                previous = list(walk(tree, with_xattrs=False))  # the diff ignores xattrs
+            _receive_diffcopy(stream, receive, tree, record, progress, previous, changing)
         else:
-            _receive_tarstream(stream, receive, tree, record, progress)
+            _receive_tarstream(stream, receive, tree, record, progress, changing)
     except RpcError as exc:
         record.error = f"{_rpc_text(exc)} ({protocol} transfer of {request.dir_name or 'the context'!r})"
         raise BuildError(record.error) from None
@@ -186,12 +213,13 @@ def _reject(stream: RpcStream, reason: str) -> BuildError:
 
 
 def _receive_diffcopy(stream: RpcStream, receive: _Receive, tree: str, record: SyncRecord,
-                      progress: Progress | None) -> None:
-    # the whole previous listing first: applying changes must not disturb the walk
-    receiver = dc.DiffCopyReceiver(list(walk(tree)))
+                      progress: Progress | None, previous: list, changing: _ChangeNotice) -> None:
+    # the whole previous listing up front: applying changes must not disturb a walk
+    receiver = dc.DiffCopyReceiver(previous)
     applier = TreeApplier(tree, chown=None)
     complete = False
     unflushed = 0
+    next_progress = 0
     try:
         while not complete:
             raw = receive()
@@ -208,16 +236,20 @@ def _receive_diffcopy(stream: RpcStream, receive: _Receive, tree: str, record: S
                     listing_entry = packet.type == dc.PACKET_STAT and packet.HasField("stat")
                     actions = receiver.receive(packet)
                 for action in actions:
-                    if isinstance(action, dc.SendPacket):
+                    if isinstance(action, dc.FileData):
+                        record.bytes_received += len(action.chunk)
+                        if progress is not None and record.bytes_received >= next_progress:
+                            progress(record.bytes_received)
+                            next_progress = record.bytes_received + PROGRESS_STEP
+                        applier.apply(action)
+                    elif isinstance(action, dc.SendPacket):
                         stream.send(action.packet.SerializeToString())
                         unflushed += 1
                     elif isinstance(action, dc.TransferComplete):
                         complete = True
                     else:
-                        if isinstance(action, dc.FileData):
-                            record.bytes_received += len(action.chunk)
-                            if progress is not None:
-                                progress(record.bytes_received)
+                        if isinstance(action, (dc.PutEntry, dc.DeleteEntry)):
+                            changing()
                         applier.apply(action)
             except DecodeError:
                 raise _reject(stream, "invalid packet from the client: not a fsutil Packet") from None
@@ -258,8 +290,9 @@ def _has_pending(stream: RpcStream) -> bool:
 
 
 def _receive_tarstream(stream: RpcStream, receive: _Receive, tree: str, record: SyncRecord,
-                       progress: Progress | None) -> None:
+                       progress: Progress | None, changing: _ChangeNotice) -> None:
     # no diff base in this protocol: start from an empty tree
+    changing()
     shutil.rmtree(tree, ignore_errors=True)
     os.makedirs(tree, mode=0o755)
     stream.close_send()

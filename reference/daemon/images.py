@@ -112,6 +112,14 @@ class ImageStore:
             self._steps[key] = {"diff_id": diff_id, "size": size}
             _write_atomic(self._steps_path, json.dumps(self._steps).encode())
 
+    def forget_steps(self) -> int:
+        """Drop the whole step cache (``docker builder prune -a``); layers stay with their images."""
+        with self._lock:
+            count = len(self._steps)
+            self._steps = {}
+            _write_atomic(self._steps_path, b"{}")
+        return count
+
     def add_image(self, config: dict, build_key: str | None = None) -> str:
         """Store the config; with ``build_key`` an identical earlier build keeps its
         id (and creation time), as BuildKit's cache gives the same image."""

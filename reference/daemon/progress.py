@@ -123,6 +123,12 @@ class VertexProgress:
                force: bool = False) -> None:
         """A named counter under this vertex (``transferring context: 2.1kB``)."""
         status = self._statuses.get(status_id)
+        clock = time.monotonic()
+        if (status is not None and not (completed or force)
+                and clock - self._last_status_sent.get(status_id, 0.0) < STATUS_INTERVAL):
+            status.current = current  # sent with the next update
+            status.total = total
+            return
         now = _now()
         if status is None:
             status = VertexStatus(ID=status_id, vertex=self.vertex.digest)
@@ -133,9 +139,6 @@ class VertexProgress:
         status.timestamp.CopyFrom(now)
         if completed:
             status.completed.CopyFrom(now)
-        clock = time.monotonic()
-        if not (completed or force) and clock - self._last_status_sent.get(status_id, 0.0) < STATUS_INTERVAL:
-            return
         self._last_status_sent[status_id] = clock
         self._emitter.publish(StatusResponse(statuses=[status]))
 
