@@ -49,6 +49,10 @@ class TreeApplier:
         parent, name = os.path.split(self.root)
         self._staging_path = staging or os.path.join(parent, f".{name}.incoming-{uuid.uuid4().hex[:12]}")
         self._staging_fd: int | None = None
+        # names in staging: unique to this applier (a caller may share the staging
+        # directory), then a counter instead of a random draw per file
+        self._tmp_prefix = uuid.uuid4().hex[:16] + "-"
+        self._tmp_count = 0
         self._dir_fds: dict[str, int] = {}
         # requested files: id -> [fd or None, tmp name, path, stat]; the staging file is
         # opened at the first DATA, so a listing of many files holds few descriptors
@@ -288,7 +292,8 @@ class TreeApplier:
         self._touch_parent(path)
 
     def _tmp_name(self) -> str:
-        return uuid.uuid4().hex
+        self._tmp_count += 1
+        return f"{self._tmp_prefix}{self._tmp_count}"
 
     # -- metadata -------------------------------------------------------------
     def _owner_ok(self, exc: OSError) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Callable, Iterable, Iterator
 
 from . import filemode
@@ -35,6 +36,10 @@ PACKET_ERR = Packet.PACKET_ERR
 #: Largest DATA chunk a Go sender produces (fsutil's 32 KiB copy buffer).
 GO_CHUNK_SIZE = 32 * 1024
 
+_MODE_DIR = filemode.MODE_DIR
+_MODE_SYMLINK = filemode.MODE_SYMLINK
+_MODE_TYPE = filemode.MODE_TYPE  # no type bit at all: a regular file (filemode.is_regular)
+
 
 def end_of_listing() -> Packet:
     """The terminator: a Packet without a ``stat`` field (an empty message)."""
@@ -42,7 +47,9 @@ def end_of_listing() -> Packet:
 
 
 def stat_packet(stat: Stat) -> Packet:
-    return Packet(type=PACKET_STAT, stat=stat)
+    packet = Packet()  # type PACKET_STAT is 0, proto3's default
+    packet.stat.CopyFrom(stat)  # cheaper than Packet(stat=stat), same message
+    return packet
 
 
 def req_packet(file_id: int) -> Packet:
@@ -110,6 +117,10 @@ class SenderState(enum.Enum):
     DONE = "done"  # FIN exchanged, or failed
 
 
+# Enum member lookups are slow (a fraction of a microsecond); the per-entry paths use these.
+_SENDER_LISTING = SenderState.LISTING
+
+
 class DiffCopySender:
     """fsutil's sender: lists the tree, then serves REQs until the receiver's FIN."""
 
@@ -126,12 +137,23 @@ class DiffCopySender:
 
     # -- outgoing ---------------------------------------------------------
     def stat(self, stat: Stat) -> Packet:
-        if self.state is not SenderState.LISTING:
+        if self.state is not _SENDER_LISTING:
             raise ProtocolError(f"STAT {stat.path!r} after the end of the listing")
         if filemode.is_regular(stat.mode):
             self._requestable[self._next_id] = stat.path
         self._next_id += 1
         return stat_packet(stat)
+
+    def listed(self, packet: Packet, path: str, mode: int) -> Packet:
+        """:meth:`stat` for a STAT packet the caller built, whose Stat's path and
+        mode it passes along (``walker.walk(as_packets=True)`` yields these):
+        the Stat is neither copied nor read back."""
+        if self.state is not _SENDER_LISTING:
+            raise ProtocolError(f"STAT {path!r} after the end of the listing")
+        if mode & _MODE_TYPE == 0:
+            self._requestable[self._next_id] = path
+        self._next_id += 1
+        return packet
 
     def end_listing(self) -> Packet:
         if self.state is not SenderState.LISTING:
@@ -250,6 +272,10 @@ class ReceiverState(enum.Enum):
     DONE = "done"
 
 
+_RECEIVER_LISTING = ReceiverState.LISTING
+_ADD, _MODIFY = Change.ADD, Change.MODIFY
+
+
 def same_file(old: Stat, new: Stat) -> bool:
     """fsutil's sameFile: the fields whose change makes an entry 'modified'.
 
@@ -273,6 +299,26 @@ def needs_data(stat: Stat) -> bool:
     return filemode.is_regular(stat.mode) and not stat.linkname
 
 
+#: A diff-base entry is ``(sort key, fields)``: fields = (path, mode, uid, gid,
+#: size (0 for directories), modTime, devmajor, devminor, linkname), what
+#: fsutil's sameFile compares (plus a directory's mtime, see the receiver).  An
+#: incoming Stat is unchanged exactly when its fields tuple is equal; a tuple
+#: compares far cheaper than a message.  ``walker.list_diff_base`` builds these
+#: straight from lstat.
+PreviousEntry = tuple[str, tuple]
+
+#: Reads a Stat's fields tuple in one call.
+stat_fields = attrgetter("path", "mode", "uid", "gid", "size", "modTime", "devmajor", "devminor", "linkname")
+
+
+def previous_entry(stat: Stat) -> PreviousEntry:
+    """The diff-base entry for a Stat of the receiver's current tree."""
+    fields = stat_fields(stat)
+    if fields[1] & filemode.MODE_DIR and fields[4]:
+        fields = (*fields[:4], 0, *fields[5:])
+    return (path_sort_key(fields[0]), fields)
+
+
 StatFilter = Callable[[Stat], Stat | None]
 
 _KIND_BITS = (filemode.MODE_DIR, filemode.MODE_SYMLINK, filemode.MODE_NAMED_PIPE, filemode.MODE_DEVICE)
@@ -294,9 +340,10 @@ def check_mode(path: str, mode: int) -> None:
 class DiffCopyReceiver:
     """fsutil's receiver: validates the listing, diffs it, requests what changed.
 
-    ``previous`` is the receiver's current tree as Stats in walk order (what a
-    walk of the destination gives); it is the diff base.  With ``merge=True``
-    (exports) there is no diff base: every entry is added, every regular file
+    ``previous`` is the receiver's current tree in walk order, as Stats (what a
+    walk of the destination gives) or as :func:`previous_entry` tuples (what
+    ``walker.list_diff_base`` gives, far cheaper); it is the diff base.  With
+    ``merge=True`` (exports) there is no diff base: every entry is added, every regular file
     requested, nothing deleted.  ``stat_filter`` may rewrite an incoming Stat
     (for example the uid/gid of an export) before it is compared, or drop it by
     returning None.
@@ -304,7 +351,7 @@ class DiffCopyReceiver:
 
     def __init__(
         self,
-        previous: Iterable[Stat] = (),
+        previous: Iterable[Stat | PreviousEntry] = (),
         *,
         merge: bool = False,
         stat_filter: StatFilter | None = None,
@@ -313,10 +360,13 @@ class DiffCopyReceiver:
         self.merge = merge
         self._filter = stat_filter
         self._validator = ListingValidator()
+        self._valid_modes: set[int] = set()  # modes check_mode accepted already
         # Taken whole now: a lazy walk of the destination would see the entries
         # this very transfer writes and diff them away.
-        self._previous: Iterator[Stat] = iter(() if merge else list(previous))
-        self._pending_old: Stat | None = next(self._previous, None)
+        self._previous: Iterator[PreviousEntry] = iter(() if merge else [
+            entry if type(entry) is tuple else previous_entry(entry) for entry in previous
+        ])
+        self._pending_old: PreviousEntry | None = next(self._previous, None)
         self._removed_dirs: list[str] = []  # old directories already deleted or replaced
         self._next_id = 0
         self._wanted: dict[int, str] = {}  # requested, data not complete
@@ -358,66 +408,79 @@ class DiffCopyReceiver:
 
     # -- internals ----------------------------------------------------------
     def _on_stat(self, packet: Packet) -> list[ReceiverAction]:
-        if self.state is not ReceiverState.LISTING:
+        if self.state is not _RECEIVER_LISTING:
             raise ProtocolError(f"{describe(packet)} after the end of the listing")
-        if not packet.HasField("stat"):
-            return self._on_end_of_listing()
         incoming = packet.stat
+        fields = stat_fields(incoming)
+        path = fields[0]
+        if not path and not packet.HasField("stat"):  # (a path proves the field is there)
+            return self._on_end_of_listing()
         file_id = self._next_id
         self._next_id += 1
-        mode = incoming.mode
-        check_mode(incoming.path, mode)
-        self._validator.check(
-            incoming.path, filemode.is_dir(mode), filemode.is_symlink(mode), incoming.linkname
-        )
+        mode = fields[1]
+        if mode not in self._valid_modes:
+            check_mode(path, mode)
+            self._valid_modes.add(mode)
+        is_dir = mode & _MODE_DIR != 0
+        linkname = fields[8]
+        self._validator.check(path, is_dir, mode & _MODE_SYMLINK != 0, linkname)
         if self._filter is not None:
             incoming = self._filter(incoming)
             if incoming is None:
                 return []
-        if filemode.is_dir(incoming.mode):
-            self.directories[incoming.path] = incoming
+            fields = stat_fields(incoming)
+            path, mode, linkname = fields[0], fields[1], fields[8]
+            is_dir = mode & _MODE_DIR != 0
+        if is_dir:
+            self.directories[path] = incoming
+            if fields[4]:
+                fields = (*fields[:4], 0, *fields[5:])  # a directory's size does not count
         actions: list[ReceiverAction] = []
-        key = path_sort_key(incoming.path)
-        old = self._deletions_before(key, actions)
-        if old is not None and old.path == incoming.path:
+        old = self._pending_old
+        if old is None or old[1][0] != path:
+            key = path.replace("/", "\0")  # path_sort_key
+            if old is not None and old[0] < key:
+                old = self._deletions_before(key, actions)
+            if old is not None and old[1][0] != path:
+                old = None  # it sorts after: this entry is new
+        if old is not None:
             self._pending_old = next(self._previous, None)
-            if same_file(old, incoming) and not (
-                filemode.is_dir(incoming.mode) and old.modTime != incoming.modTime
-            ):
+            if fields == old[1]:
                 # (a directory whose mtime moved gets its metadata rewritten,
                 # which fsutil skips; it never costs a REQ)
                 return actions
-            change = Change.MODIFY
-            if filemode.is_dir(old.mode) and not filemode.is_dir(incoming.mode):
-                self._removed_dirs.append(old.path + "/")
+            change = _MODIFY
+            if old[1][1] & _MODE_DIR and not is_dir:
+                self._removed_dirs.append(path + "/")
         else:
-            change = Change.ADD
-        wanted = needs_data(incoming)
+            change = _ADD
+        wanted = mode & _MODE_TYPE == 0 and not linkname  # needs_data
         if wanted:
-            self._wanted[file_id] = incoming.path
-            self.requested.append(incoming.path)
-        actions.append(PutEntry(incoming.path, incoming, change, file_id if wanted else None))
-        if wanted:
+            self._wanted[file_id] = path
+            self.requested.append(path)
+            actions.append(PutEntry(path, incoming, change, file_id))
             actions.append(SendPacket(req_packet(file_id)))
+        else:
+            actions.append(PutEntry(path, incoming, change, None))
         return actions
 
-    def _deletions_before(self, key: str, actions: list[ReceiverAction]) -> Stat | None:
+    def _deletions_before(self, key: str, actions: list[ReceiverAction]) -> PreviousEntry | None:
         """Delete old entries that sort before ``key``; return the next old entry."""
         old = self._pending_old
-        while old is not None and path_sort_key(old.path) < key:
+        while old is not None and old[0] < key:
             self._delete(old, actions)
             old = self._pending_old = next(self._previous, None)
         return old
 
-    def _delete(self, old: Stat, actions: list[ReceiverAction]) -> None:
-        path = old.path
+    def _delete(self, old: PreviousEntry, actions: list[ReceiverAction]) -> None:
+        path, mode = old[1][0], old[1][1]
         removed = self._removed_dirs
         while removed and not path.startswith(removed[-1]):
             removed.pop()
         if removed:
             return  # its directory is gone already
         actions.append(DeleteEntry(path))
-        if filemode.is_dir(old.mode):
+        if mode & _MODE_DIR:
             removed.append(path + "/")
 
     def _on_end_of_listing(self) -> list[ReceiverAction]:
@@ -457,7 +520,7 @@ class DiffCopyReceiver:
 
 
 def transfer_in_memory(
-    stats: Iterable[Stat],
+    stats: Iterable[Stat] | Iterable[tuple[Packet, str, int]],
     read_file: Callable[[str], Iterable[bytes]],
     receiver: DiffCopyReceiver,
     apply: Callable[[ReceiverAction], None],
@@ -470,22 +533,22 @@ def transfer_in_memory(
     Packets go through real protobuf encoding when ``encode`` is true, so the
     pair exercises exactly what crosses the wire.  A requested file's data is
     produced lazily and handed to the receiver chunk by chunk, so memory stays
-    at one chunk however large the tree.  Pass a list as ``transcript`` to get
-    one line per packet ("> " towards the receiver, "< " towards the sender).
+    at one chunk however large the tree.  ``stats`` are Stats, or the
+    ``(packet, path, mode)`` of :meth:`DiffCopySender.listed`.  Pass a list as
+    ``transcript`` to get one line per packet ("> " towards the receiver, "< "
+    towards the sender).
     """
     from collections import deque
 
     sender = DiffCopySender()
     to_sender: deque[Packet] = deque()
     done = False
+    receive = receiver.receive
+    decode = Packet.FromString
 
-    def deliver(packet: Packet) -> None:
+    def handle(actions: list[ReceiverAction]) -> None:
         nonlocal done
-        if encode:
-            packet = Packet.FromString(packet.SerializeToString())
-        if transcript is not None:
-            transcript.append("> " + describe(packet))
-        for action in receiver.receive(packet):
+        for action in actions:
             if isinstance(action, SendPacket):
                 to_sender.append(action.packet)
             elif isinstance(action, TransferComplete):
@@ -493,9 +556,18 @@ def transfer_in_memory(
             else:
                 apply(action)
 
+    def deliver(packet: Packet) -> None:
+        if encode:
+            packet = decode(packet.SerializeToString())
+        if transcript is not None:
+            transcript.append("> " + describe(packet))
+        actions = receive(packet)
+        if actions:
+            handle(actions)
+
     def serve(packet: Packet) -> None:
         if encode:
-            packet = Packet.FromString(packet.SerializeToString())
+            packet = decode(packet.SerializeToString())
         if transcript is not None:
             transcript.append("< " + describe(packet))
         event = sender.receive(packet)
@@ -506,10 +578,19 @@ def transfer_in_memory(
         else:
             deliver(sender.fin())
 
+    listed, send_stat = sender.listed, sender.stat
     for stat in stats:
-        deliver(sender.stat(stat))
-        while to_sender:  # answer REQs as they come, like fsutil's concurrent sender
-            serve(to_sender.popleft())
+        # deliver(), inlined: an unchanged entry costs the receiver no action at all
+        packet = listed(*stat) if type(stat) is tuple else send_stat(stat)
+        if encode:
+            packet = decode(packet.SerializeToString())
+        if transcript is not None:
+            transcript.append("> " + describe(packet))
+        actions = receive(packet)
+        if actions:
+            handle(actions)
+            while to_sender:  # answer REQs as they come, like fsutil's concurrent sender
+                serve(to_sender.popleft())
     deliver(sender.end_listing())
     while not done:
         if not to_sender:

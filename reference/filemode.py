@@ -7,6 +7,7 @@ rejects its children as out of order.
 
 from __future__ import annotations
 
+import functools
 import stat as _st
 
 MODE_DIR = 0x80000000
@@ -52,6 +53,7 @@ def go_mode_from_st_mode(st_mode: int) -> int:
     return mode
 
 
+@functools.cache  # a walk meets few distinct st_mode values (at most 2**16)
 def sender_mode(st_mode: int) -> int:
     """``Stat.mode`` as fsutil's sender puts it on the wire: the socket bit is cleared."""
     return go_mode_from_st_mode(st_mode) & ~MODE_SOCKET

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from .applier import TreeApplier
 from .diffcopy import DiffCopyReceiver, transfer_in_memory
-from .walker import EntryFilter, read_chunks, walk
+from .walker import EntryFilter, list_diff_base, read_chunks, walk
 
 
 @dataclass
@@ -33,9 +33,10 @@ def sync_directories(
     keep_transcript: bool = False,
 ) -> SyncResult:
     """Make ``destination`` equal to ``source`` (or merge into it), sending only changes."""
-    stats = walk(source, entry_filter=entry_filter, owner=owner)
-    # the diff ignores xattrs (fsutil's sameFile), so the old tree is walked without them
-    previous = walk(destination, with_xattrs=False) if (not merge and os.path.isdir(destination)) else ()
+    stats = walk(source, entry_filter=entry_filter, owner=owner, as_packets=True)
+    # the diff ignores xattrs (fsutil's sameFile), so the old tree is walked without them,
+    # into the receiver's compact diff-base entries rather than Stat messages
+    previous = list_diff_base(destination) if (not merge and os.path.isdir(destination)) else ()
     receiver = DiffCopyReceiver(previous, merge=merge)
     applier = TreeApplier(destination, chown=chown)
     transcript: list[str] | None = [] if keep_transcript else None

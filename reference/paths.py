@@ -43,6 +43,9 @@ def check_path_syntax(path: str) -> None:
         raise ValidationError(f"unclean path {path!r}")
 
 
+_NOT_NAMES = frozenset(("", ".", ".."))
+
+
 def parent_of(path: str) -> str:
     """Parent directory of a clean relative path; ``""`` for top-level entries."""
     slash = path.rfind("/")
@@ -60,28 +63,37 @@ class ListingValidator:
     """
 
     def __init__(self) -> None:
-        # stack of [directory path, last child name seen]; "" is the root
+        # stack of [directory path + "/", last child name seen]; "" is the root
         self._open_dirs: list[list[str]] = [["", ""]]
         self._link_targets: set[str] = set()
         self._previous = ""
 
     def check(self, path: str, is_dir: bool, is_symlink: bool, linkname: str) -> None:
-        check_path_syntax(path)
-        parent = parent_of(path)
-        base = path[len(parent) + 1 :] if parent else path
+        # The full syntax check runs only when the cheap one fails: a path whose
+        # parent is the open directory (validated before) and whose last
+        # component is a proper name is clean.  Errors keep the syntax reason.
+        slash = path.rfind("/")
+        base = path[slash + 1 :]  # the whole path when there is no slash
+        if (len(base) < 3 and base in _NOT_NAMES) or "\0" in base:
+            check_path_syntax(path)  # raises
+        prefix = path[: slash + 1]  # the parent directory with its slash; "" for the root
         stack = self._open_dirs
-        while len(stack) > 1 and stack[-1][0] != parent:
-            top = stack[-1][0]
-            if parent.startswith(top + "/"):
-                break
-            stack.pop()
         top = stack[-1]
-        if top[0] != parent or (top[1] != "" and top[1] >= base):
+        if top[0] != prefix:  # leaving directories (or out of order, or absolute)
+            while len(stack) > 1 and stack[-1][0] != prefix:
+                if prefix.startswith(stack[-1][0]):
+                    break
+                stack.pop()
+            top = stack[-1]
+            if top[0] != prefix:
+                check_path_syntax(path)  # an unclean parent is reported as such
+                raise ValidationError(f"changes out of order: {path!r} after {self._previous!r}")
+        if top[1] >= base:  # ("" for a directory without children yet sorts before any name)
             raise ValidationError(f"changes out of order: {path!r} after {self._previous!r}")
         top[1] = base
         self._previous = path
         if is_dir:
-            stack.append([path, ""])
+            stack.append([path + "/", ""])
         elif not is_symlink:
             if linkname:
                 if linkname not in self._link_targets:

@@ -3,6 +3,13 @@
 fsutil's walk is ``filepath.Walk``: depth first, the entries of each directory
 sorted byte-wise, ``lstat`` semantics (links are not followed), the root itself
 never listed.  Entries are ``fsutil.types.Stat`` messages ready for the wire.
+
+A re-sync of an unchanged tree is little more than two of these walks, so the
+per-entry cost matters: the walk is one loop over a stack of directory
+listings (not nested generators), each directory is read through its own file
+descriptor and its entries are ``lstat``-ed relative to it (a one-component
+lookup for the kernel), and Stats are filled attribute by attribute (cheaper
+than constructor keywords).
 """
 
 from __future__ import annotations
@@ -11,11 +18,13 @@ import errno
 import os
 import stat as _st
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Iterator, Protocol
 
 from . import filemode
+from .diffcopy import PreviousEntry, previous_entry
 from .errors import SessionError
-from .pb.fsutil_types_pb2 import Stat
+from .pb.fsutil_types_pb2 import Packet, Stat
 
 
 class EntryFilter(Protocol):
@@ -34,6 +43,14 @@ class WalkError(SessionError):
     pass
 
 
+_S_IFMT = 0o170000
+_S_IFREG, _S_IFDIR, _S_IFLNK = _st.S_IFREG, _st.S_IFDIR, _st.S_IFLNK
+_DEVICE_TYPES = (_st.S_IFCHR, _st.S_IFBLK)
+_NO_XATTR_SUPPORT = (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOENT, errno.EPERM)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_by_name = itemgetter(0)
+
+
 def stat_from_lstat(
     rel_path: str,
     st: os.stat_result,
@@ -43,31 +60,54 @@ def stat_from_lstat(
     with_xattrs: bool = True,
 ) -> Stat:
     """The fsutil Stat for one entry (without hardlink detection)."""
-    st_mode = st.st_mode
-    mode = filemode.sender_mode(st_mode)
-    stat = Stat(path=rel_path, mode=mode, modTime=st.st_mtime_ns)
-    if owner is None:
-        stat.uid, stat.gid = st.st_uid, st.st_gid
-    else:
-        stat.uid, stat.gid = owner
-    kind = _st.S_IFMT(st_mode)
-    if kind != _st.S_IFDIR:
-        stat.size = st.st_size
-        if kind == _st.S_IFLNK:
-            stat.linkname = os.readlink(abs_path)
-        elif kind in (_st.S_IFCHR, _st.S_IFBLK):
-            stat.devmajor, stat.devminor = filemode.dev_numbers(st.st_rdev)
-    if with_xattrs:
-        for name, value in read_xattrs(abs_path).items():
-            stat.xattrs[name] = value
+    stat = Stat()
+    uid, gid = (st.st_uid, st.st_gid) if owner is None else owner
+    _fill_stat(stat, rel_path, st, abs_path, uid, gid, with_xattrs)
     return stat
+
+
+def _fill_stat(stat: Stat, rel_path: str, st: os.stat_result, abs_path: str, uid: int, gid: int,
+               with_xattrs: bool) -> int:
+    """Set the fields of an empty Stat; returns its Go mode."""
+    st_mode = st.st_mode
+    kind = st_mode & _S_IFMT
+    mode = filemode.sender_mode(st_mode)
+    stat.path = rel_path
+    stat.mode = mode
+    if uid:  # proto3: zero is the unset default
+        stat.uid = uid
+    if gid:
+        stat.gid = gid
+    if kind != _S_IFDIR:  # a directory's size is not sent
+        stat.size = st.st_size
+        if kind == _S_IFLNK:
+            stat.linkname = os.readlink(abs_path)
+        elif kind in _DEVICE_TYPES:
+            stat.devmajor, stat.devminor = filemode.dev_numbers(st.st_rdev)
+    stat.modTime = st.st_mtime_ns
+    if with_xattrs:
+        # one llistxattr per entry, as fsutil does; values only for the names it lists
+        try:
+            names = os.listxattr(abs_path, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in _NO_XATTR_SUPPORT:
+                raise
+            names = None
+        if names:
+            xattrs = stat.xattrs
+            for name in names:
+                try:
+                    xattrs[name] = os.getxattr(abs_path, name, follow_symlinks=False)
+                except OSError:
+                    continue
+    return mode
 
 
 def read_xattrs(abs_path: str) -> dict[str, bytes]:
     try:
         names = os.listxattr(abs_path, follow_symlinks=False)
     except OSError as exc:
-        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOENT, errno.EPERM):
+        if exc.errno in _NO_XATTR_SUPPORT:
             return {}
         raise
     values = {}
@@ -79,20 +119,7 @@ def read_xattrs(abs_path: str) -> dict[str, bytes]:
     return values
 
 
-def walk(
-    root: str,
-    *,
-    entry_filter: EntryFilter | None = None,
-    owner: tuple[int, int] | None = None,
-    with_xattrs: bool = True,
-) -> Iterator[Stat]:
-    """Yield the Stats of everything below ``root`` in fsutil order.
-
-    ``owner`` forces uid/gid (the docker CLI maps the build context to 0/0).
-    With a filter, a directory that is not itself included but is entered is
-    listed lazily, just before the first entry below it that is included (so
-    the receiver always sees a parent before its children).
-    """
+def _checked_root(root: str) -> str:
     root = os.path.abspath(root)
     try:
         root_st = os.stat(root)
@@ -100,58 +127,180 @@ def walk(
         raise WalkError(f"cannot read the directory to send: {exc.strerror}") from None
     if not _st.S_ISDIR(root_st.st_mode):
         raise WalkError("the path to send is not a directory")
-    first_name_of_inode: dict[tuple[int, int], str] = {}
-    pending_parents: list[Stat] = []  # entered but not yet listed directories
+    return root
 
-    def visit(abs_dir: str, rel_dir: str) -> Iterator[Stat]:
+
+def _listing(abs_dir: str, rel_dir: str) -> list[tuple[str, os.stat_result]]:
+    """``(name, lstat)`` of a directory's entries in byte-wise name order.
+
+    Every entry is stat-ed now, relative to the directory's descriptor (closed
+    before this returns); one that vanished in between is left out, as
+    filepath.Walk tolerates.  (str order is UTF-8 byte order.)
+    """
+    try:
+        fd = os.open(abs_dir, _DIR_FLAGS)
+    except OSError as exc:
+        raise WalkError(f"cannot list {rel_dir or '.'!r}: {exc.strerror}") from None
+    try:
         try:
-            with os.scandir(abs_dir) as it:
-                entries = sorted(it, key=lambda e: e.name)
+            with os.scandir(fd) as it:  # (scandir reads a duplicate; entries stat relative to fd)
+                dir_entries = list(it)
         except OSError as exc:
             raise WalkError(f"cannot list {rel_dir or '.'!r}: {exc.strerror}") from None
-        for entry in entries:
-            name = entry.name
+        entries = []
+        append = entries.append
+        for entry in dir_entries:
             try:
-                name.encode("utf-8")
-            except UnicodeEncodeError:
-                raise WalkError(f"file name is not valid UTF-8: {os.fsencode(name)!r}") from None
-            rel = f"{rel_dir}/{name}" if rel_dir else name
-            abs_path = entry.path
-            try:
-                st = entry.stat(follow_symlinks=False)
+                append((entry.name, entry.stat(follow_symlinks=False)))
             except FileNotFoundError:
-                continue  # vanished while walking, as filepath.Walk tolerates
-            is_dir = _st.S_ISDIR(st.st_mode)
+                continue
+    finally:
+        os.close(fd)
+    entries.sort(key=_by_name)
+    return entries
+
+
+def _dir_prefix(abs_dir: str) -> str:
+    return abs_dir if abs_dir.endswith("/") else abs_dir + "/"
+
+
+def _not_utf8(name: str) -> WalkError:
+    return WalkError(f"file name is not valid UTF-8: {os.fsencode(name)!r}")
+
+
+def walk(
+    root: str,
+    *,
+    entry_filter: EntryFilter | None = None,
+    owner: tuple[int, int] | None = None,
+    with_xattrs: bool = True,
+    as_packets: bool = False,
+) -> Iterator[Stat] | Iterator[tuple[Packet, str, int]]:
+    """Yield the Stats of everything below ``root`` in fsutil order.
+
+    ``owner`` forces uid/gid (the docker CLI maps the build context to 0/0).
+    With a filter, a directory that is not itself included but is entered is
+    listed lazily, just before the first entry below it that is included (so
+    the receiver always sees a parent before its children).
+
+    ``as_packets`` yields ``(packet, path, mode)`` instead: the Stat built
+    inside its STAT Packet, with the path and Go mode it holds, which is what
+    ``DiffCopySender.listed`` takes (no copy of the Stat, no reading it back).
+    """
+    root = _checked_root(root)
+    fill_stat = _fill_stat
+    first_name_of_inode: dict[tuple[int, int], str] = {}
+    pending_parents: list = []  # entered but not yet listed directories
+    # one frame per directory being listed: (iterator over its entries, its absolute
+    # path + "/", its relative path + "/", depth of its own pending_parents slot
+    # (0: the directory was listed already))
+    frames: list[tuple] = [(iter(_listing(root, "")), _dir_prefix(root), "", 0)]
+    while frames:
+        entries, abs_prefix, prefix, own_depth = frames[-1]
+        for name, st in entries:
+            if not name.isascii():
+                try:
+                    name.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise _not_utf8(name) from None
+            rel = prefix + name
+            kind = st.st_mode & _S_IFMT
+            is_dir = kind == _S_IFDIR
             if entry_filter is not None:
                 decision = entry_filter.decide(rel, is_dir)
-                if not decision.include and not (is_dir and decision.descend):
+                include = decision.include
+                if not include and not (is_dir and decision.descend):
                     continue
+                descend = is_dir and decision.descend
             else:
-                decision = None
-            stat = stat_from_lstat(rel, st, abs_path, owner=owner, with_xattrs=with_xattrs)
-            if not is_dir and st.st_nlink > 1 and not _st.S_ISLNK(st.st_mode):
+                include = True
+                descend = is_dir
+            abs_path = abs_prefix + name
+            if as_packets:
+                packet = Packet()
+                stat = packet.stat
+            else:
+                stat = Stat()
+            if owner is None:
+                mode = fill_stat(stat, rel, st, abs_path, st.st_uid, st.st_gid, with_xattrs)
+            else:
+                mode = fill_stat(stat, rel, st, abs_path, owner[0], owner[1], with_xattrs)
+            if st.st_nlink > 1 and not is_dir and kind != _S_IFLNK:
                 key = (st.st_dev, st.st_ino)
                 first = first_name_of_inode.get(key)
                 if first is None:
-                    if decision is None or decision.include:
+                    if include:
                         first_name_of_inode[key] = rel
                 else:
                     stat.linkname = first
-            if decision is not None and not decision.include:
-                pending_parents.append(stat)
-                depth = len(pending_parents)
-                yield from visit(abs_path, rel)
-                if len(pending_parents) >= depth:
-                    del pending_parents[depth - 1 :]
-                continue
-            if pending_parents:
-                yield from pending_parents
-                pending_parents.clear()
-            yield stat
-            if is_dir and (decision is None or decision.descend):
-                yield from visit(abs_path, rel)
+            item = (packet, rel, mode) if as_packets else stat
+            if not include:  # a directory entered only for what lies below it
+                pending_parents.append(item)
+                pending_depth = len(pending_parents)
+            else:
+                if pending_parents:
+                    yield from pending_parents
+                    pending_parents.clear()
+                yield item
+                pending_depth = 0
+            if descend:
+                frames.append((iter(_listing(abs_path, rel)), abs_path + "/", rel + "/", pending_depth))
+                break
+        else:
+            frames.pop()
+            if own_depth and len(pending_parents) >= own_depth:
+                del pending_parents[own_depth - 1 :]
 
-    yield from visit(root, "")
+
+def list_diff_base(root: str) -> list[PreviousEntry]:
+    """The receiver's current tree, taken whole now, as diff-base entries.
+
+    The same walk as :func:`walk` without xattrs (the diff ignores them), into
+    the tuples the receiver compares (``diffcopy.previous_entry``) instead of
+    Stat messages.
+    """
+    root = _checked_root(root)
+    first_name_of_inode: dict[tuple[int, int], str] = {}
+    sender_mode = filemode.sender_mode
+    base: list[PreviousEntry] = []
+    append = base.append
+    frames: list[tuple] = [(iter(_listing(root, "")), _dir_prefix(root), "")]
+    while frames:
+        entries, abs_prefix, prefix = frames[-1]
+        for name, st in entries:
+            if not name.isascii():
+                try:
+                    name.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise _not_utf8(name) from None
+            rel = prefix + name
+            st_mode = st.st_mode
+            kind = st_mode & _S_IFMT
+            # the tuple layout is diffcopy.previous_entry's
+            if kind == _S_IFREG:
+                linkname = ""
+                if st.st_nlink > 1:
+                    linkname = first_name_of_inode.setdefault((st.st_dev, st.st_ino), rel)
+                    if linkname == rel:
+                        linkname = ""
+                append((rel.replace("/", "\0"), (rel, sender_mode(st_mode), st.st_uid, st.st_gid, st.st_size,
+                                                  st.st_mtime_ns, 0, 0, linkname)))
+            elif kind == _S_IFDIR:
+                append((rel.replace("/", "\0"), (rel, sender_mode(st_mode), st.st_uid, st.st_gid, 0,
+                                                  st.st_mtime_ns, 0, 0, "")))
+                abs_path = abs_prefix + name
+                frames.append((iter(_listing(abs_path, rel)), abs_path + "/", rel + "/"))
+                break
+            else:
+                stat = stat_from_lstat(rel, st, abs_prefix + name, with_xattrs=False)
+                if st.st_nlink > 1 and kind != _S_IFLNK:
+                    first = first_name_of_inode.setdefault((st.st_dev, st.st_ino), rel)
+                    if first != rel:
+                        stat.linkname = first
+                append(previous_entry(stat))
+        else:
+            frames.pop()
+    return base
 
 
 def read_chunks(abs_path: str, chunk_size: int = 32 * 1024) -> Iterator[bytes]:
