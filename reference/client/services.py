@@ -249,12 +249,16 @@ def send_tree(stream: RpcStream, root: str, entry_filter, owner, record: StreamS
     """Serve one DiffCopy as the fsutil sender: list, answer REQs, FIN."""
     sender = dc.DiffCopySender()
     batch: list[bytes] = []
+    listed = sender.listed
+    append = batch.append
     try:
-        for stat in walk(root, entry_filter=entry_filter, owner=owner):
-            batch.append(sender.stat(stat).SerializeToString())
+        # Stats are built inside their STAT packets: no copy, no reading fields back
+        for packet, path, mode in walk(root, entry_filter=entry_filter, owner=owner, as_packets=True):
+            append(listed(packet, path, mode).SerializeToString())
             if len(batch) >= 512:
                 stream.send_many(batch)
                 batch = []
+                append = batch.append
     except (WalkError, PatternError) as exc:
         stream.send_many(batch)
         stream.send(sender.error(str(exc)).SerializeToString())
