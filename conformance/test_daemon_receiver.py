@@ -251,7 +251,7 @@ def test_bad_data_packets_fail_the_transfer(daemon, case):
         entries = [file_entry("a", b"a" * 10), file_entry("b", b"b" * 10)]
         log = SenderLog()
         obs = run_scripted(daemon, interactive_sender(entries, log=log, interleave=True,
-                                                      after_first_eof=[dc.data_packet(0, b"late")]))
+                                                      after_first_eof=lambda ended: [dc.data_packet(ended, b"late")]))
         transcript = log.transcript
     expect("DIFFCOPY-DATA-3", not obs.ok, f"DATA for {case} fails the transfer", obs.describe(), transcript)
 

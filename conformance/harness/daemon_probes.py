@@ -211,10 +211,13 @@ def interactive_sender(entries: list[Entry], *, log: SenderLog, chunk_size: int 
                        stall_after_listing: float | None = None, fin_early: bool = False,
                        hold_open_after_fin: float = 0.0, timeout: float = 20.0,
                        encode_stat: Callable[[Stat], bytes] | None = None,
-                       after_first_eof: list[Packet] = ()) -> Callable[[RpcStream], None]:
+                       after_first_eof: list[Packet] | Callable[[int], list[Packet]] = ()
+                       ) -> Callable[[RpcStream], None]:
     """A FileSync/DiffCopy sender that lists ``entries`` as given (no sorting, no checks),
     then answers REQs. With ``interleave`` it first collects REQs for ``collect_reqs_for``
-    seconds and then sends the chunks of all requested files round-robin."""
+    seconds and then sends the chunks of all requested files round-robin.
+    ``after_first_eof`` is sent right after the first end of file; as a callable it gets
+    the id of the file that ended (the daemon's REQ order decides which one that is)."""
 
     def handler(stream: RpcStream) -> None:
         out = []
@@ -308,7 +311,8 @@ def _send_files(stream, entries, ids, log, chunk_size, interleave, eof_reversed,
         stream.send(dc.data_packet(file_id, b"").SerializeToString())
         log.add(f"> DATA {file_id} <eof>")
         if n == 0:
-            for packet in after_first_eof:
+            late = after_first_eof(file_id) if callable(after_first_eof) else after_first_eof
+            for packet in late:
                 stream.send(packet.SerializeToString())
                 log.add("> " + dc.describe(packet))
     stream.flush()
