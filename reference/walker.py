@@ -164,8 +164,12 @@ def _dir_prefix(abs_dir: str) -> str:
     return abs_dir if abs_dir.endswith("/") else abs_dir + "/"
 
 
-def _not_utf8(name: str) -> WalkError:
-    return WalkError(f"file name is not valid UTF-8: {os.fsencode(name)!r}")
+def _check_utf8(name: str) -> None:
+    """Names travel as proto3 strings: one that is not UTF-8 cannot be sent."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise WalkError(f"file name is not valid UTF-8: {os.fsencode(name)!r}") from None
 
 
 def walk(
@@ -199,10 +203,7 @@ def walk(
         entries, abs_prefix, prefix, own_depth = frames[-1]
         for name, st in entries:
             if not name.isascii():
-                try:
-                    name.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise _not_utf8(name) from None
+                _check_utf8(name)
             rel = prefix + name
             kind = st.st_mode & _S_IFMT
             is_dir = kind == _S_IFDIR
@@ -269,10 +270,7 @@ def list_diff_base(root: str) -> list[PreviousEntry]:
         entries, abs_prefix, prefix = frames[-1]
         for name, st in entries:
             if not name.isascii():
-                try:
-                    name.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise _not_utf8(name) from None
+                _check_utf8(name)
             rel = prefix + name
             st_mode = st.st_mode
             kind = st_mode & _S_IFMT

@@ -216,3 +216,14 @@ def test_validator_names_the_syntax_error_on_the_fast_path(path, message):
     validator.check("d", True, False, "")
     with pytest.raises(ValidationError, match=message):
         validator.check(path, False, False, "")
+
+
+def test_a_name_that_is_not_utf8_stops_both_walks(tmp_path):
+    """Names travel as proto3 strings: the sender and the receiver's listing refuse them alike."""
+    from reference.walker import WalkError, list_diff_base, walk
+
+    (tmp_path / "ok").mkdir()
+    open(os.path.join(os.fsencode(tmp_path / "ok"), b"bad\xff"), "w").close()
+    for listing in (lambda: list(walk(str(tmp_path))), lambda: list_diff_base(str(tmp_path))):
+        with pytest.raises(WalkError, match=r"not valid UTF-8: b'bad\\xff'"):
+            listing()
