@@ -54,8 +54,8 @@ def compile_bytecode() -> str:
     for package in ("reference", "benchmarks"):
         compileall.compile_dir(os.path.join(PROJECT_ROOT, package), quiet=1)
     if os.environ.get("PYTHONDONTWRITEBYTECODE"):
-        return "bytecode of reference/ compiled before measuring (PYTHONDONTWRITEBYTECODE is set here)"
-    return "bytecode of reference/ compiled before measuring"
+        return "bytecode compiled before measuring (PYTHONDONTWRITEBYTECODE is set here)"
+    return "bytecode compiled before measuring"
 
 
 def child_env(base: dict[str, str] | None = None) -> dict[str, str]:

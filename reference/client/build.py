@@ -16,10 +16,8 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, TextIO
+from typing import TYPE_CHECKING, Callable, TextIO
 from urllib.parse import urlencode
-
-from typing import TYPE_CHECKING
 
 from ..dockerhost import EngineError, HttpConnection, connect, error_message
 from ..errors import SessionError

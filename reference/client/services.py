@@ -24,7 +24,7 @@ from ..pb.fsutil_types_pb2 import Packet, Stat
 from ..transport.base import RpcError, RpcStream, StatusCode
 from ..patterns import PatternError
 from ..walker import WalkError, open_chunks, read_chunks, walk
-from .methods import (  # noqa: F401  (re-exported: the suite imports them from here)
+from .methods import (  # noqa: F401  (the AUTH_ names are re-exported: the suite imports them from here)
     AUTH_CREDENTIALS,
     AUTH_FETCH_TOKEN,
     AUTH_GET_TOKEN_AUTHORITY,
@@ -35,6 +35,7 @@ from .methods import (  # noqa: F401  (re-exported: the suite imports them from 
     HEALTH_CHECK,
     HEALTH_WATCH,
     SECRETS_GET,
+    advertised_methods,
 )
 
 if TYPE_CHECKING:
@@ -108,22 +109,21 @@ class ClientServices:
 
     # -- table ----------------------------------------------------------------
     def handlers(self) -> dict[str, Callable[[RpcStream], None]]:
-        table: dict[str, Callable[[RpcStream], None]] = {
-            HEALTH_CHECK: self._traced(self.health_check),
-            HEALTH_WATCH: self._traced(self.health_watch),
+        """What serves each advertised method; ``advertised_methods`` alone decides which are advertised."""
+        served: dict[str, Callable[[RpcStream], None] | None] = {
+            HEALTH_CHECK: self.health_check,
+            HEALTH_WATCH: self.health_watch,
+            FILESYNC_DIFFCOPY: self.filesync_diffcopy,
+            FILESYNC_TARSTREAM: self.filesync_tarstream,
+            FILESEND_DIFFCOPY: self.export,
+            SECRETS_GET: self.get_secret,
         }
-        if "diffcopy" in self.filesync:
-            table[FILESYNC_DIFFCOPY] = self._traced(self.filesync_diffcopy)
-        if "tarstream" in self.filesync:
-            table[FILESYNC_TARSTREAM] = self._traced(self.filesync_tarstream)
-        if self.export is not None:
-            table[FILESEND_DIFFCOPY] = self._traced(self.export)
-        if self.secrets:
-            table[SECRETS_GET] = self._traced(self.get_secret)
         if self.auth is not None:
-            for method, handler in self.auth.handlers().items():
-                table[method] = self._traced(handler)
-        return table
+            served.update(self.auth.handlers())
+        methods = advertised_methods(self.filesync, exporting=self.export is not None, secrets=bool(self.secrets),
+                                     auth=self.auth is not None,
+                                     token_authority=self.auth is not None and self.auth.token_authority)
+        return {method: self._traced(served[method]) for method in methods}
 
     def methods(self) -> list[str]:
         """The advertised list, in a stable order (one header line each)."""
@@ -328,12 +328,6 @@ def _serve_requests(stream: RpcStream, sender: dc.DiffCopySender, root: str, rec
             stream.flush()
 
 
-def stream_has_pending(stream: RpcStream) -> bool:
-    """Whether more incoming messages are already queued (lets us batch flushes)."""
-    pending = getattr(stream, "pending", None)
-    return bool(pending()) if callable(pending) else False
-
-
 # -- export ---------------------------------------------------------------------------
 
 def local_export_handler(dest: str, records: Callable[[StreamStats], None]) -> Callable[[RpcStream], None]:
@@ -378,8 +372,7 @@ def local_export_handler(dest: str, records: Callable[[StreamStats], None]) -> C
                         if isinstance(action, dc.FileData):
                             record.bytes_received += len(action.chunk)
                         applier.apply(action)
-                if not stream_has_pending(stream):
-                    stream.flush()
+                stream.flush()
             applier.finish(receiver.directories)
             record.files_received = applier.files_written
             record.requested = receiver.requested
