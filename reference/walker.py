@@ -103,22 +103,6 @@ def _fill_stat(stat: Stat, rel_path: str, st: os.stat_result, abs_path: str, uid
     return mode
 
 
-def read_xattrs(abs_path: str) -> dict[str, bytes]:
-    try:
-        names = os.listxattr(abs_path, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno in _NO_XATTR_SUPPORT:
-            return {}
-        raise
-    values = {}
-    for name in names:
-        try:
-            values[name] = os.getxattr(abs_path, name, follow_symlinks=False)
-        except OSError:
-            continue
-    return values
-
-
 def _checked_root(root: str) -> str:
     root = os.path.abspath(root)
     try:

@@ -28,7 +28,7 @@ from ..pb import filesync_pb2
 from ..pb.fsutil_types_pb2 import Packet
 from ..tarstream import TarReceiver
 from ..transport.base import RpcError, RpcStream, StatusCode
-from ..walker import walk
+from ..walker import list_diff_base
 from .errors import BuildCancelled, BuildError
 from .sessions import Session
 
@@ -176,7 +176,7 @@ def sync(
     try:
         if protocol == "diffcopy":
             if previous is None:
-                previous = list(walk(tree, with_xattrs=False))  # the diff ignores xattrs
+                previous = list_diff_base(tree)
             _receive_diffcopy(stream, receive, tree, record, progress, previous, changing)
         else:
             _receive_tarstream(stream, receive, tree, record, progress, changing)
@@ -261,7 +261,7 @@ def _receive_diffcopy(stream: RpcStream, receive: _Receive, tree: str, record: S
             except OSError as exc:
                 raise _reject(stream, f"cannot write the received tree: {exc.strerror}") from None
             # REQs go out in batches while the listing streams in; anything else at once
-            if unflushed and (not listing_entry or unflushed >= REQ_BATCH) and not _has_pending(stream):
+            if unflushed and (not listing_entry or unflushed >= REQ_BATCH):
                 stream.flush()
                 unflushed = 0
         record.entries = receiver._next_id
@@ -282,11 +282,6 @@ def _drain(stream: RpcStream, grace: float) -> None:
             pass
     except (TimeoutError, RpcError):
         stream.cancel()
-
-
-def _has_pending(stream: RpcStream) -> bool:
-    pending = getattr(stream, "pending", None)
-    return bool(pending()) if callable(pending) else False
 
 
 def _receive_tarstream(stream: RpcStream, receive: _Receive, tree: str, record: SyncRecord,

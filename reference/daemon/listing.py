@@ -35,12 +35,9 @@ class TreeListing:
 
     def diff_base(self) -> list:
         """The listing as a receiver's diff base, converted once per listing."""
-        convert = getattr(diffcopy, "previous_entry", None)  # the receiver also takes Stats as they are
-        if convert is None:
-            return self.stats
         with self._lock:
             if self._diff_base is None:
-                self._diff_base = [convert(stat) for stat in self.stats]
+                self._diff_base = [diffcopy.previous_entry(stat) for stat in self.stats]
             return self._diff_base
 
     def size(self) -> int:
