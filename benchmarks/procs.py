@@ -71,6 +71,7 @@ class Timed:
     stdout: str
     stderr: str
     maxrss_kb: int  # the child's peak resident set (wait4's ru_maxrss)
+    cpu_seconds: float = 0.0  # user + system time of the child and the descendants it reaped
 
     def check(self, what: str) -> "Timed":
         if self.returncode != 0:
@@ -114,7 +115,7 @@ def run_timed(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | 
             out = fh.read()
         with open(err_path, errors="replace") as fh:
             err = fh.read()
-        return Timed(seconds, proc.returncode, out, err, usage.ru_maxrss)
+        return Timed(seconds, proc.returncode, out, err, usage.ru_maxrss, usage.ru_utime + usage.ru_stime)
     except BaseException:
         if proc is not None and proc.returncode is None:
             proc.kill()
