@@ -442,6 +442,30 @@ def serving_image(auth: str, workdir: str, *, users: dict[str, str], repo: str, 
     return run()
 
 
+def registry_fixture(auth: str, *, users: dict[str, str], repo: str, layers: list[dict[str, bytes]],
+                     tag: str = "1"):
+    """A pytest fixture (assign it to a module-level name): a fresh :func:`serving_image` per test.
+
+    Fresh per test on purpose: a new port is a new registry host, so dockerd's
+    auth cache from an earlier test cannot answer for this one.
+    """
+    import pytest
+
+    @pytest.fixture
+    def serving(tmp_path):
+        with serving_image(auth, str(tmp_path), users=users, repo=repo, tag=tag, layers=layers) as registry:
+            yield registry
+
+    return serving
+
+
+def write_docker_config(directory: str, host: str, user: str, password: str) -> None:
+    """``config.json`` with Basic credentials for ``host``, as ``docker login`` leaves it."""
+    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
+    with open(os.path.join(directory, "config.json"), "w") as fh:
+        json.dump({"auths": {host: {"auth": auth}}}, fh)
+
+
 def token_registry_settings(service) -> dict:
     """The registry's ``auth.token`` settings for a fixtures/token_service.py TokenService."""
     return {"realm": service.realm, "service": service.service, "issuer": service.issuer,

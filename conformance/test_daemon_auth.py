@@ -25,18 +25,8 @@ USER, PASSWORD = "conformance", "c0nf pass"
 FILES = {"base/hello.txt": b"from the registry\n"}
 
 
-@pytest.fixture
-def token_registry(tmp_path):
-    with reg.serving_image("token", str(tmp_path), users={USER: PASSWORD}, repo="conf/base", tag="1",
-                           layers=[FILES]) as registry:
-        yield registry
-
-
-@pytest.fixture
-def basic_registry(tmp_path):
-    with reg.serving_image("htpasswd", str(tmp_path), users={USER: PASSWORD}, repo="conf/base", tag="1",
-                           layers=[FILES]) as registry:
-        yield registry
+token_registry = reg.registry_fixture("token", users={USER: PASSWORD}, repo="conf/base", layers=[FILES])
+basic_registry = reg.registry_fixture("htpasswd", users={USER: PASSWORD}, repo="conf/base", layers=[FILES])
 
 
 class RecordingAuth:

@@ -44,26 +44,14 @@ def docker_config(tmp_path, monkeypatch):
     monkeypatch.delenv("BUILDKIT_NO_CLIENT_TOKEN", raising=False)
 
     def write(host: str, user: str, password: str) -> str:
-        auth = base64.b64encode(f"{user}:{password}".encode()).decode()
-        (directory / "config.json").write_text(json.dumps({"auths": {host: {"auth": auth}}}))
+        reg.write_docker_config(str(directory), host, user, password)
         return str(directory)
 
     return write
 
 
-@pytest.fixture
-def basic_registry(tmp_path):
-    with reg.serving_image("htpasswd", str(tmp_path), users={USER: PASSWORD}, repo="test/img", tag="1",
-                           layers=[PULLED]) as registry:
-        yield registry
-
-
-@pytest.fixture
-def token_registry(tmp_path):
-    """A fresh token service and registry per test (a new port is a new host for dockerd's auth cache)."""
-    with reg.serving_image("token", str(tmp_path), users={USER: PASSWORD}, repo="test/img", tag="1",
-                           layers=[PULLED]) as registry:
-        yield registry
+basic_registry = reg.registry_fixture("htpasswd", users={USER: PASSWORD}, repo="test/img", layers=[PULLED])
+token_registry = reg.registry_fixture("token", users={USER: PASSWORD}, repo="test/img", layers=[PULLED])
 
 
 def _context(tmp_path, image: str):

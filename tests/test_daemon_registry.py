@@ -3,9 +3,6 @@ our client n/n+1 x our daemon n/n+1, with Basic and token auth, asserting which 
 
 from __future__ import annotations
 
-import base64
-import json
-
 import pytest
 
 from conformance import registry as reg
@@ -33,24 +30,13 @@ def docker_config(tmp_path, monkeypatch):
     monkeypatch.setenv("DOCKER_CONFIG", str(directory))
 
     def write(host: str, password: str = PASSWORD) -> None:
-        auth = base64.b64encode(f"{USER}:{password}".encode()).decode()
-        (directory / "config.json").write_text(json.dumps({"auths": {host: {"auth": auth}}}))
+        reg.write_docker_config(str(directory), host, USER, password)
 
     return write
 
 
-@pytest.fixture
-def token_registry(tmp_path):
-    with reg.serving_image("token", str(tmp_path), users={USER: PASSWORD}, repo="test/base", tag="1",
-                           layers=[PULLED]) as registry:
-        yield registry
-
-
-@pytest.fixture
-def basic_registry(tmp_path):
-    with reg.serving_image("htpasswd", str(tmp_path), users={USER: PASSWORD}, repo="test/base", tag="1",
-                           layers=[PULLED]) as registry:
-        yield registry
+token_registry = reg.registry_fixture("token", users={USER: PASSWORD}, repo="test/base", layers=[PULLED])
+basic_registry = reg.registry_fixture("htpasswd", users={USER: PASSWORD}, repo="test/base", layers=[PULLED])
 
 
 def _build(daemon, tmp_path, image: str, client_generation: str):
