@@ -245,19 +245,10 @@ def interactive_sender(entries: list[Entry], *, log: SenderLog, chunk_size: int 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             wait = collect_reqs_for if (interleave and pending) else max(0.05, deadline - time.monotonic())
-            try:
-                raw = stream.recv(timeout=wait)
-            except TimeoutError:
-                raw = b"timeout"
-            except RpcError as exc:
-                log.ended = f"call ended: {exc.code.name}"
-                log.add("< " + log.ended)
+            raw = _receive(stream, log, wait)
+            if raw is _CALL_ENDED:
                 return
-            if raw is None:
-                log.ended = "end of stream"
-                log.add("< end of stream")
-                return
-            if raw == b"timeout":
+            if raw is None:  # nothing within the wait: send what was collected
                 if pending:
                     _send_files(stream, entries, pending, log, chunk_size, interleave, eof_order_reversed,
                                 after_first_eof)
@@ -318,21 +309,35 @@ def _send_files(stream, entries, ids, log, chunk_size, interleave, eof_reversed,
     stream.flush()
 
 
+_CALL_ENDED = object()
+
+
+def _receive(stream: RpcStream, log: SenderLog, timeout: float) -> bytes | None | object:
+    """The next message from the daemon, None when none came within ``timeout``, or
+    ``_CALL_ENDED`` when the call is over (how it ended is put in the log)."""
+    try:
+        raw = stream.recv(timeout=timeout)
+    except TimeoutError:
+        return None
+    except RpcError as exc:
+        log.ended = f"call ended: {exc.code.name}"
+        log.add("< " + log.ended)
+        return _CALL_ENDED
+    if raw is None:
+        log.ended = "end of stream"
+        log.add("< end of stream")
+        return _CALL_ENDED
+    return raw
+
+
 def _drain(stream: RpcStream, log: SenderLog, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        try:
-            raw = stream.recv(timeout=max(0.05, deadline - time.monotonic()))
-        except TimeoutError:
-            log.add(f"(held the stream open for {seconds:.1f} s)")
-            return
-        except RpcError as exc:
-            log.ended = f"call ended: {exc.code.name}"
-            log.add("< " + log.ended)
+        raw = _receive(stream, log, max(0.05, deadline - time.monotonic()))
+        if raw is _CALL_ENDED:
             return
         if raw is None:
-            log.ended = "end of stream"
-            log.add("< end of stream")
+            log.add(f"(held the stream open for {seconds:.1f} s)")
             return
         packet = Packet.FromString(raw)
         log.add("< " + dc.describe(packet))
