@@ -17,7 +17,6 @@ would make the fast profile too slow).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import queue
 import shutil
@@ -39,27 +38,12 @@ from .harness.instrumented_daemon import ScenarioResult
 from .harness.recording import receive_tree
 from .harness.scripted_client import make_context
 from .outcomes import expect
-from .trees import Entry, diff_snapshots, snapshot
+from .trees import diff_snapshots, snapshot
 
 requirement = pytest.mark.requirement
 
 NAMES = ["a", "b", "c.log", "keep.log", "d1", "d2", "é"]
 IGNORE_LINES = ["*.log", "!keep.log", "d2", "!d2/a", "**/b", "d1/*", "# comment", "!d1/keep.log"]
-
-
-def filtered_snapshot(root: str, excludes: list[str]) -> dict[str, Entry]:
-    """The source tree as the daemon should end up with it (our walker + the daemon's filter)."""
-    entry_filter = PathFilter([], excludes, []) if excludes else None
-    result = {}
-    for stat in walk(root, entry_filter=entry_filter, owner=(0, 0), with_xattrs=False):
-        digest = ""
-        if filemode.is_regular(stat.mode):
-            with open(os.path.join(root, stat.path), "rb") as fh:
-                digest = hashlib.sha256(fh.read()).hexdigest()
-        mtime = 0 if filemode.is_dir(stat.mode) else stat.modTime
-        result[stat.path] = Entry(stat.mode, stat.uid, stat.gid, stat.size, mtime, stat.linkname, stat.devmajor,
-                                  stat.devminor, (), digest)
-    return result
 
 
 class SessionDriver:
@@ -172,7 +156,7 @@ def test_context_changes_between_transfers(client, request):
                     excludes = parse_dockerignore(fh.read())
             previous = list(walk(self.dest, owner=(0, 0), with_xattrs=False))
             before = {s.path: s for s in previous}
-            expected = filtered_snapshot(self.ctx, excludes)
+            expected = snapshot(self.ctx, excludes=excludes, owner=(0, 0), with_mtime_of_dirs=False, with_xattrs=False)
             dest = self.dest
 
             def job(session):

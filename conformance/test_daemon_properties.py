@@ -22,15 +22,13 @@ from hypothesis import strategies as st
 from reference import filemode
 from reference.client.services import FILESEND_DIFFCOPY, FILESYNC_DIFFCOPY, local_export_handler
 from reference.pb.fsutil_types_pb2 import Packet, Stat
-from reference.pathfilter import PathFilter
 from reference.session import new_session_id
-from reference.walker import walk
 
 from .harness.daemon_probes import FileSyncRouter
 from .harness.scripted_client import make_context, run_build
 from .outcomes import expect
 from .plugin import _DEVIATIONS_KEY
-from .trees import Entry, diff_snapshots
+from .trees import Entry, diff_snapshots, snapshot
 
 requirement = pytest.mark.requirement
 
@@ -89,21 +87,6 @@ def materialise(spec) -> str:
     for path, target in hardlinks.items():
         os.link(os.path.join(ctx, target), os.path.join(ctx, path))
     return ctx
-
-
-def filtered_snapshot(root: str, excludes: list[str], owner: tuple[int, int]) -> dict[str, Entry]:
-    """What the client sends for ``root`` under ``excludes`` (directory times left out)."""
-    entry_filter = PathFilter([], excludes, []) if excludes else None
-    out = {}
-    for stat in walk(root, entry_filter=entry_filter, owner=owner, with_xattrs=False):
-        digest = ""
-        if filemode.is_regular(stat.mode):
-            with open(os.path.join(root, stat.path), "rb") as fh:
-                digest = hashlib.sha256(fh.read()).hexdigest()
-        mtime = 0 if filemode.is_dir(stat.mode) else stat.modTime
-        out[stat.path] = Entry(stat.mode, stat.uid, stat.gid, stat.size, mtime, stat.linkname, stat.devmajor,
-                               stat.devminor, (), digest)
-    return out
 
 
 class _RecordingStream:
@@ -179,7 +162,7 @@ def test_generated_contexts_round_trip(daemon, request):
         expect("DOCKERIGNORE-3", excludes == ignore_lines, "the .dockerignore lines as exclude-patterns",
                excludes, [example])
         # compared with what the daemon sent (not with what our receiver made of it), so only the daemon is judged
-        diff = diff_snapshots(filtered_snapshot(ctx, excludes, owner), exported_snapshot(dest, sent, owner))
+        diff = diff_snapshots(snapshot(ctx, excludes=excludes, owner=owner, with_mtime_of_dirs=False, with_xattrs=False), exported_snapshot(dest, sent, owner))
         expect("INCREMENTAL-7", not diff, "the exported tree equals the filtered context", diff, [example])
         again = FileSyncRouter(ctx)
         second = run_build(daemon.host, ctx, handler_overrides={FILESYNC_DIFFCOPY: again}, shared_key=key)

@@ -8,6 +8,7 @@ import stat as _st
 from dataclasses import dataclass
 
 from reference import filemode
+from reference.pathfilter import PathFilter
 from reference.walker import walk
 
 
@@ -28,10 +29,12 @@ class Entry:
 
 
 def snapshot(root: str, *, owner: tuple[int, int] | None = None, with_mtime_of_dirs: bool = True,
-             with_xattrs: bool = True) -> dict[str, Entry]:
-    """Everything below ``root`` keyed by relative path, through our walker."""
+             with_xattrs: bool = True, excludes: list[str] | None = None) -> dict[str, Entry]:
+    """Everything below ``root`` keyed by relative path, through our walker; with
+    ``excludes`` (.dockerignore lines), what a client sends of it."""
     result: dict[str, Entry] = {}
-    for stat in walk(root, owner=owner, with_xattrs=with_xattrs):
+    entry_filter = PathFilter([], excludes, []) if excludes else None
+    for stat in walk(root, entry_filter=entry_filter, owner=owner, with_xattrs=with_xattrs):
         digest = ""
         if filemode.is_regular(stat.mode):
             with open(os.path.join(root, stat.path), "rb") as fh:
