@@ -537,6 +537,47 @@ def test_unsupported_instruction(refd, tmp_path, monkeypatch):
     assert [s["dir_name"] for s in record["streams"]] == ["dockerfile", "context"], record
 
 
+def test_dockerfile_and_dockerignore_are_fetched_at_once(refd, tmp_path):
+    """Like BuildKit's frontend, the daemon asks for the context's .dockerignore while the Dockerfile's
+    transfer is still open; both streams are recorded in a fixed order whichever ends first."""
+    from conformance.harness.daemon_probes import FileSyncRouter
+    from conformance.harness.scripted_client import run_build
+    from reference.client.services import FILESYNC_DIFFCOPY
+
+    context = make_context(tmp_path / "ctx")
+    router = FileSyncRouter(context)
+    ignore_started = threading.Event()
+    dockerfile_saw_ignore: list[bool] = []
+
+    def handler(stream) -> None:
+        followpaths = [value for key, value in stream.metadata if key == "followpaths"]
+        if followpaths == [".dockerignore"]:
+            ignore_started.set()
+        elif "Dockerfile" in followpaths:
+            # the Dockerfile is sent only once the .dockerignore is asked for: a daemon that
+            # waits for the Dockerfile's transfer to end first makes this wait in vain
+            dockerfile_saw_ignore.append(ignore_started.wait(10))
+        router(stream)
+
+    obs = run_build(refd.host, context, handler_overrides={FILESYNC_DIFFCOPY: handler})
+    assert obs.ok, obs.describe()
+    assert dockerfile_saw_ignore == [True]
+    record = refd.builds()[-1]
+    assert [s["dir_name"] for s in record["streams"]] == ["dockerfile", "context", "context"], record
+    assert record["streams"][1]["metadata"] == [["dir-name", "context"], ["followpaths", ".dockerignore"]]
+
+
+def test_missing_dockerfile_fails_after_both_transfers_end(refd, tmp_path, monkeypatch):
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "cfg"))
+    context = make_context(tmp_path / "ctx")
+    os.unlink(os.path.join(context, "Dockerfile"))
+    with pytest.raises(BuildError) as info:
+        build(context, host=refd.host, timeout=30)
+    assert "failed to read dockerfile: open Dockerfile: no such file or directory" in str(info.value)
+    record = refd.builds()[-1]
+    assert [s["dir_name"] for s in record["streams"]] == ["dockerfile", "context"], record
+
+
 def test_concurrent_builds_with_one_shared_key(refd, tmp_path, monkeypatch):
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "cfg"))
     context = make_context(tmp_path / "ctx")

@@ -287,6 +287,84 @@ def test_listing_is_kept_until_the_tree_changes(tmp_path):
     again.release()
 
 
+def test_diff_base_is_prepared_when_the_tree_changes(tmp_path, monkeypatch):
+    cache = ContextCache(str(tmp_path / "cache"), max_size=1 << 30, max_age=3600)
+    lease = cache.acquire("key", "context", "context")
+    lease.begin_sync()
+    _odd_context(lease.tree + "/sub")
+    lease.sync_complete()
+    expected = [dc.previous_entry(stat) for stat in walk(lease.tree, with_xattrs=False)]
+    lease.release()
+
+    def converted_again(stat):
+        raise AssertionError("the next build converted the listing itself")
+
+    monkeypatch.setattr(dc, "previous_entry", converted_again)
+    again = cache.acquire("key", "context", "context")
+    assert again.listing().diff_base() == expected
+    again.release()
+
+
+def _held_usage_writes(monkeypatch):
+    """Make meta.json writes wait: returns (a write has started, let writes go on)."""
+    import threading
+
+    from reference.daemon import cache as cache_module
+
+    writing, may_write = threading.Event(), threading.Event()
+    save_meta = cache_module.CacheEntry.save_meta
+
+    def slow_save_meta(entry, *, durable=True):
+        writing.set()
+        assert may_write.wait(10)
+        save_meta(entry, durable=durable)
+
+    monkeypatch.setattr(cache_module.CacheEntry, "save_meta", slow_save_meta)
+    return writing, may_write
+
+
+def test_usage_is_saved_off_the_releasing_thread(tmp_path, monkeypatch):
+    directory = str(tmp_path / "cache")
+    cache = ContextCache(directory, max_size=1 << 30, max_age=3600)
+    lease = cache.acquire("key", "context", "context")
+    entry_id = lease.id
+    writing, may_write = _held_usage_writes(monkeypatch)
+    lease.release()  # returns while the write waits
+    assert writing.wait(10)
+    again = cache.acquire("key", "context", "context")  # the cache is not locked by the write
+    assert again.id == entry_id and again.entry.meta.usage_count == 2
+    may_write.set()
+    again.release()
+    cache.save_usage()  # what a clean shutdown does
+    with open(os.path.join(directory, entry_id, "meta.json")) as fh:
+        assert json.load(fh)["usage_count"] == 2
+    reloaded = ContextCache(directory, max_size=1 << 30, max_age=3600)
+    assert [(r["ID"], r["UsageCount"]) for r in reloaded.records()] == [(entry_id, 2)]
+
+
+def test_prune_waits_for_a_usage_write_under_way(tmp_path, monkeypatch):
+    """A usage write must not land in an entry's directory while prune moves it away
+    (it would leave a stray directory behind until the next start)."""
+    import threading
+
+    directory = str(tmp_path / "cache")
+    cache = ContextCache(directory, max_size=1 << 30, max_age=3600)
+    lease = cache.acquire("key", "context", "context")
+    writing, may_write = _held_usage_writes(monkeypatch)
+    lease.release()
+    assert writing.wait(10)
+    pruned: list = []
+    pruner = threading.Thread(target=lambda: pruned.append(cache.prune(all=True)))
+    pruner.start()
+    pruner.join(0.3)
+    assert pruner.is_alive(), "prune moved the entry away during its usage write"
+    may_write.set()
+    pruner.join(10)
+    assert pruned and pruned[0][0] == [lease.id]
+    cache.save_usage()
+    assert os.listdir(directory) == []
+
+
 def test_kept_listings_are_bounded(tmp_path, monkeypatch):
     from reference.daemon import cache as cache_module
 

@@ -165,6 +165,7 @@ def test_cache_entries_are_exclusive_and_survive_restart(tmp_path):
     second.begin_sync()  # never completed: stays dangling
     first.release()
     second.release()
+    cache.save_usage()  # as the daemon does when it stops
     again = ContextCache(str(tmp_path / "cache"), max_size=1 << 30, max_age=3600)
     records = {r["ID"]: r for r in again.records()}
     assert records[first.id]["Size"] == 10 and records[first.id]["Type"] == "source.local"

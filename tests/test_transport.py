@@ -184,12 +184,14 @@ def test_h2_message_parser_handles_any_split():
         cuts = sorted(rng.sample(range(1, len(wire)), rng.randint(1, 12)))
         for start, end in zip([0] + cuts, cuts + [len(wire)]):
             stream._parse(wire[start:end])
+        stream._deliver()
         assert list(stream._inbox) == messages
         assert stream._partial == []
     # Several messages in one frame, byte by byte, too.
     stream = h2grpc._ServerStream(None, 1, "/m", [])
     for i in range(len(wire[:400])):
         stream._parse(wire[i:i + 1])
+    stream._deliver()
     assert list(stream._inbox) == messages[:4]
 
 
@@ -582,3 +584,52 @@ def test_h2_server_accepts_large_frame_arriving_with_the_settings_ack():
     finally:
         server.close()
         theirs.close()
+
+
+def test_h2_client_gets_every_message_that_arrives_with_the_end_of_the_call():
+    """Messages parsed from one read reach the consumer together, and before the
+    call's end that came in the same read (grpc-go sends a short listing and its
+    trailers in one write)."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    from reference.transport.h2grpc import connect_h2
+
+    ours, theirs = socket.socketpair()
+    client = connect_h2(ours)
+    try:
+        peer = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+        peer.initiate_connection()
+        theirs.sendall(peer.data_to_send())
+        theirs.settimeout(5)
+        stream = client.open_stream("/t.S/M")
+        while not any(isinstance(e, h2.events.RequestReceived) for e in peer.receive_data(theirs.recv(65536))):
+            pass
+        messages = [b"m%d" % i * (i % 7) for i in range(300)]
+        peer.send_headers(1, [(":status", "200"), ("content-type", "application/grpc")])
+        for message in messages:  # one DATA frame each
+            peer.send_data(1, b"\0" + len(message).to_bytes(4, "big") + message)
+        peer.send_data(1, b"\0\0\0\0\x02xy\0")  # a whole message and the start of another
+        peer.send_data(1, b"\0\0\0\x01z")
+        peer.send_headers(1, [("grpc-status", "0")], end_stream=True)
+        theirs.sendall(peer.data_to_send())  # everything in one write
+        received = []
+        while (message := stream.recv(timeout=5)) is not None:
+            received.append(message)
+        assert received == messages + [b"xy", b"z"]
+    finally:
+        client.close()
+        theirs.close()
+
+
+def test_data_frame_repr_names_the_length_without_copying_the_payload(monkeypatch):
+    """h2 formats repr(frame) of every received frame for a disabled trace log."""
+    import hyperframe.frame
+
+    import reference.transport.h2grpc  # noqa: F401  (describes DATA frames on import)
+
+    frame = hyperframe.frame.DataFrame(3, b"x" * 100_000, flags=["END_STREAM"])
+    monkeypatch.setattr(hyperframe.frame.DataFrame, "serialize_body",
+                        lambda self: pytest.fail("repr serialized the payload"))
+    assert repr(frame) == "DataFrame(stream_id=3, flags=['END_STREAM']): data=<100000 bytes>"

@@ -144,6 +144,8 @@ class Lease:
         """The tree equals a full sync again (walked once more for its size and listing)."""
         entry = self.entry
         entry.listing = TreeListing.of(entry.tree)
+        # the next sync's diff base, converted now: on this build's time, not the next (unchanged) one's
+        entry.listing.diff_base()
         entry.meta.size = entry.listing.size()
         entry.save_meta()
         _write_atomic(entry.marker, b"complete\n")
@@ -168,6 +170,10 @@ class ContextCache:
         self.max_age = max_age
         self._lock = threading.Lock()
         self._entries: dict[str, CacheEntry] = {}
+        # entries whose usage (times, count) changed since their meta.json was written
+        self._unsaved_usage: dict[str, CacheEntry] = {}
+        self._usage_writer: threading.Thread | None = None
+        self._usage_write_lock = threading.Lock()  # one batch of usage writes at a time
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self._load()
 
@@ -213,15 +219,43 @@ class ContextCache:
         return Lease(self, entry)
 
     def _release(self, entry: CacheEntry) -> None:
+        writer = None
         with self._lock:
             entry.in_use = False
             entry.meta.last_used_at = time.time()
             if entry.meta.id in self._entries:
-                try:
-                    entry.save_meta(durable=False)  # only times and counts changed
-                except OSError:
-                    pass
+                # Only times and counts changed: written by a writer thread, because replacing
+                # meta.json costs about a millisecond (ext4 flushes a file renamed over another)
+                # and a build releases its leases on the way to answering the client.
+                self._unsaved_usage[entry.meta.id] = entry
+                if self._usage_writer is None:
+                    writer = self._usage_writer = threading.Thread(target=self._write_usage_until_saved,
+                                                                   name="cache-usage", daemon=True)
             self._bound_kept_listings()
+        if writer is not None:
+            writer.start()
+
+    def _write_usage_until_saved(self) -> None:
+        while True:
+            self.save_usage()
+            with self._lock:
+                if not self._unsaved_usage:
+                    self._usage_writer = None
+                    return
+
+    def save_usage(self) -> int:
+        """Write the usage of released entries not yet on disk, once any write under way has
+        ended (so that everything is written when it returns); returns how many were written."""
+        with self._usage_write_lock:
+            with self._lock:
+                entries = [e for e in self._unsaved_usage.values() if e.meta.id in self._entries]
+                self._unsaved_usage.clear()
+            for entry in entries:
+                try:
+                    entry.save_meta(durable=False)
+                except OSError:
+                    pass  # deleted meanwhile, or the disk is full: only times and counts are lost
+        return len(entries)
 
     def _bound_kept_listings(self) -> None:
         kept = sorted((e for e in self._entries.values() if e.listing is not None and not e.in_use),
@@ -301,17 +335,22 @@ class ContextCache:
         return self._delete(chosen)
 
     def _delete(self, entries: list[CacheEntry]) -> tuple[list[str], int]:
-        ids, reclaimed = [], 0
-        for entry in entries:
-            # rename first, so a crash never leaves a half-deleted entry that looks valid
-            trash = os.path.join(self.directory, f".deleting-{entry.meta.id}")
-            try:
-                os.rename(entry.base, trash)
-            except OSError:
-                trash = entry.base
+        ids, reclaimed, trashes = [], 0, []
+        # (entries are out of _entries already, so no later usage write picks them; the lock
+        # waits for one under way, which must not land in a directory being removed)
+        with self._usage_write_lock:
+            for entry in entries:
+                # rename first, so a crash never leaves a half-deleted entry that looks valid
+                trash = os.path.join(self.directory, f".deleting-{entry.meta.id}")
+                try:
+                    os.rename(entry.base, trash)
+                except OSError:
+                    trash = entry.base
+                trashes.append(trash)
+                ids.append(entry.meta.id)
+                reclaimed += entry.meta.size
+        for trash in trashes:
             shutil.rmtree(trash, ignore_errors=True)
-            ids.append(entry.meta.id)
-            reclaimed += entry.meta.size
         return ids, reclaimed
 
 

@@ -220,10 +220,11 @@ def _receive_diffcopy(stream: RpcStream, receive: _Receive, tree: str, record: S
     complete = False
     unflushed = 0
     next_progress = 0
+    parse_packet = Packet.FromString
+    handle_packet = receiver.receive
     try:
         while not complete:
             raw = receive()
-            listing_entry = False
             try:
                 if raw is None:
                     # unlike an export receiver, the daemon needs the sender's FIN: without it
@@ -231,10 +232,8 @@ def _receive_diffcopy(stream: RpcStream, receive: _Receive, tree: str, record: S
                     raise BuildError("the client ended the transfer without answering FIN"
                                      if receiver.state is dc.ReceiverState.FIN_SENT
                                      else "the client ended the transfer early")
-                else:
-                    packet = Packet.FromString(raw)
-                    listing_entry = packet.type == dc.PACKET_STAT and packet.HasField("stat")
-                    actions = receiver.receive(packet)
+                packet = parse_packet(raw)
+                actions = handle_packet(packet)
                 for action in actions:
                     if isinstance(action, dc.FileData):
                         record.bytes_received += len(action.chunk)
@@ -261,7 +260,8 @@ def _receive_diffcopy(stream: RpcStream, receive: _Receive, tree: str, record: S
             except OSError as exc:
                 raise _reject(stream, f"cannot write the received tree: {exc.strerror}") from None
             # REQs go out in batches while the listing streams in; anything else at once
-            if unflushed and (not listing_entry or unflushed >= REQ_BATCH):
+            if unflushed and (unflushed >= REQ_BATCH
+                              or not (packet.type == dc.PACKET_STAT and packet.HasField("stat"))):
                 stream.flush()
                 unflushed = 0
         record.entries = receiver._next_id

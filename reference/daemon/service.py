@@ -69,4 +69,5 @@ class Daemon:
         self._stop.set()
         self.server.close()
         self.sessions.close_all()
+        self.cache.save_usage()  # what the usage writer has not written yet
         os.close(self._lock_fd)
