@@ -83,20 +83,22 @@ def run(opts) -> SuiteResult:
         result.details["tree"] = tree.describe()
         print(f"  core: tree {tree.describe()}; {opts.runs} interleaved runs", flush=True)
         for run_index in range(opts.runs):
-            # Cold: empty destinations.  Order within a run: ours, rsync, ours, rsync.
+            # Cold: empty destinations.  Order within a run: ours, rsync, ours, rsync; the next
+            # run starts with rsync, so that neither side always re-syncs right after the
+            # other's cold copy (whose writes are still being flushed).
             _clear(ours_dst)
             _clear(rsync_dst)
-            settle()
-            samples["ours_cold"].append(_ours(src, ours_dst, ws.path))
-            settle()
-            samples["rsync_cold"].append(_rsync(src, rsync_dst, ws.path))
+            sides = {"ours": lambda: _ours(src, ours_dst, ws.path), "rsync": lambda: _rsync(src, rsync_dst, ws.path)}
+            order = ("ours", "rsync") if run_index % 2 == 0 else ("rsync", "ours")
+            for side in order:
+                settle()
+                samples[f"{side}_cold"].append(sides[side]())
             if run_index == 0:
                 _check_same_tree(src, ours_dst, "the in-memory pair")
                 _check_same_tree(src, rsync_dst, "rsync")
-            settle()
-            samples["ours_unchanged"].append(_ours(src, ours_dst, ws.path))
-            settle()
-            samples["rsync_unchanged"].append(_rsync(src, rsync_dst, ws.path))
+            for side in order:
+                settle()
+                samples[f"{side}_unchanged"].append(sides[side]())
             settle()
             samples["rsync_xattrs_unchanged"].append(_rsync(src, rsync_dst, ws.path, "-aX"))
             print(f"  core: run {run_index + 1}/{opts.runs}: cold {samples['ours_cold'][-1]['seconds']:.3f} s vs "
