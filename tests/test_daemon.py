@@ -537,37 +537,38 @@ def test_unsupported_instruction(refd, tmp_path, monkeypatch):
     assert [s["dir_name"] for s in record["streams"]] == ["dockerfile", "context"], record
 
 
-def test_dockerfile_and_dockerignore_are_fetched_at_once(refd, tmp_path):
-    """Like BuildKit's frontend, the daemon asks for the context's .dockerignore while the Dockerfile's
-    transfer is still open; both streams are recorded in a fixed order whichever ends first."""
+def test_dockerignore_is_asked_for_after_the_dockerfile_transfer_ends(refd, tmp_path):
+    """dockerd 20.10.24 opens the context's .dockerignore transfer only once the Dockerfile's has
+    ended (40-55 ms later, measured): the reference daemon keeps that order on the wire."""
     from conformance.harness.daemon_probes import FileSyncRouter
     from conformance.harness.scripted_client import run_build
     from reference.client.services import FILESYNC_DIFFCOPY
 
     context = make_context(tmp_path / "ctx")
     router = FileSyncRouter(context)
-    ignore_started = threading.Event()
-    dockerfile_saw_ignore: list[bool] = []
+    events: list[str] = []
+    lock = threading.Lock()
 
     def handler(stream) -> None:
         followpaths = [value for key, value in stream.metadata if key == "followpaths"]
-        if followpaths == [".dockerignore"]:
-            ignore_started.set()
-        elif "Dockerfile" in followpaths:
-            # the Dockerfile is sent only once the .dockerignore is asked for: a daemon that
-            # waits for the Dockerfile's transfer to end first makes this wait in vain
-            dockerfile_saw_ignore.append(ignore_started.wait(10))
+        what = "dockerfile" if "Dockerfile" in followpaths else "ignore" if followpaths else "context"
+        with lock:
+            events.append(what + " started")
+        if what == "dockerfile":
+            time.sleep(0.3)  # a daemon that asks for both at once shows it within this
         router(stream)
+        with lock:
+            events.append(what + " ended")
 
     obs = run_build(refd.host, context, handler_overrides={FILESYNC_DIFFCOPY: handler})
     assert obs.ok, obs.describe()
-    assert dockerfile_saw_ignore == [True]
+    assert events[:4] == ["dockerfile started", "dockerfile ended", "ignore started", "ignore ended"], events
     record = refd.builds()[-1]
     assert [s["dir_name"] for s in record["streams"]] == ["dockerfile", "context", "context"], record
     assert record["streams"][1]["metadata"] == [["dir-name", "context"], ["followpaths", ".dockerignore"]]
 
 
-def test_missing_dockerfile_fails_after_both_transfers_end(refd, tmp_path, monkeypatch):
+def test_missing_dockerfile_fails_before_the_dockerignore_is_asked_for(refd, tmp_path, monkeypatch):
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "cfg"))
     context = make_context(tmp_path / "ctx")
     os.unlink(os.path.join(context, "Dockerfile"))
@@ -575,7 +576,7 @@ def test_missing_dockerfile_fails_after_both_transfers_end(refd, tmp_path, monke
         build(context, host=refd.host, timeout=30)
     assert "failed to read dockerfile: open Dockerfile: no such file or directory" in str(info.value)
     record = refd.builds()[-1]
-    assert [s["dir_name"] for s in record["streams"]] == ["dockerfile", "context"], record
+    assert [s["dir_name"] for s in record["streams"]] == ["dockerfile"], record
 
 
 def test_concurrent_builds_with_one_shared_key(refd, tmp_path, monkeypatch):

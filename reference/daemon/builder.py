@@ -2,9 +2,8 @@
 
 BuildKit path (``version=2&remote=client-session``), transfers in dockerd's
 order and with its metadata: the ``dockerfile`` directory (followpaths
-``[name, name.dockerignore, "dockerfile" if name is "Dockerfile"]``) and, at
-the same time, ``.dockerignore`` from ``context``; then ``context`` with
-``exclude-patterns``.
+``[name, name.dockerignore, "dockerfile" if name is "Dockerfile"]``), then
+``.dockerignore`` from ``context``, then ``context`` with ``exclude-patterns``.
 The 2017 path (``version=1``) takes the Dockerfile from the request body and
 syncs one unnamed directory.  Steps run into a root filesystem under
 ``<root>/tmp``; the result is an image in the store, or an export to the
@@ -22,9 +21,7 @@ import posixpath
 import shutil
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 from ..walker import WalkError
 from . import dockerfile as dfp
@@ -247,50 +244,29 @@ class Builder:
             session = self.sessions.get(options.session_id, cancelled=cancelled)
             protocol = filesync.negotiate(session, self.config.protocols, self.config.forced_protocol)
             record.protocol = protocol
-        except BuildError as exc:
-            vertex.fail(self.redact(str(exc)))
-            raise BuildError(f"failed to solve with frontend dockerfile.v0: failed to read dockerfile: {exc}") from None
-
-        # The context's .dockerignore is fetched while the Dockerfile is, as BuildKit's frontend does.
-        ignore_vertex = trace.vertex("[internal] load .dockerignore").start()
-        ignore_streams: list[dict] = []
-
-        def fetch_ignore() -> Lease:
-            lease = self._acquire(session, "context", "context-.dockerignore", leases)
-            self._sync(session, protocol, filesync.SyncRequest("context", followpaths=[".dockerignore"]),
-                       lease, ignore_vertex, "context", cancelled, ignore_streams)
-            return lease
-
-        ignore_transfer = _in_thread("build-dockerignore", fetch_ignore)
-        try:
             followpaths = [name, name + ".dockerignore"] + (["dockerfile"] if name == "Dockerfile" else [])
             df_lease = self._acquire(session, "dockerfile", "dockerfile", leases)
             self._sync(session, protocol, filesync.SyncRequest("dockerfile", followpaths=followpaths),
-                       df_lease, vertex, "dockerfile", cancelled, record.streams)
+                       df_lease, vertex, "dockerfile", cancelled, record)
             text = _read_small(df_lease.tree, name, "Dockerfile", required=True)
             override_ignore = _read_small(df_lease.tree, name + ".dockerignore", ".dockerignore")
             vertex.done()
         except BuildError as exc:
             vertex.fail(self.redact(str(exc)))
-            ignore_error = ignore_transfer.exception()  # waits: no transfer outlives the build
-            if ignore_error is None:
-                ignore_vertex.done()
-            else:
-                ignore_vertex.fail(self.redact(str(ignore_error)))
             raise BuildError(f"failed to solve with frontend dockerfile.v0: failed to read dockerfile: {exc}") from None
-        finally:
-            # the build goes on (or fails) only once both transfers have ended; streams in a fixed order
-            ignore_transfer.exception()
-            record.streams.extend(ignore_streams)
 
+        # Only once the Dockerfile's transfer has ended, as dockerd 20.10.24 does (protocol-notes §10).
+        vertex = trace.vertex("[internal] load .dockerignore").start()
         try:
-            ignore_lease = ignore_transfer.result()
+            ignore_lease = self._acquire(session, "context", "context-.dockerignore", leases)
+            self._sync(session, protocol, filesync.SyncRequest("context", followpaths=[".dockerignore"]),
+                       ignore_lease, vertex, "context", cancelled, record)
             ignore = override_ignore if override_ignore is not None else _read_small(
                 ignore_lease.tree, ".dockerignore", ".dockerignore")
             excludes = parse_dockerignore(ignore) if ignore is not None else []
-            ignore_vertex.done()
+            vertex.done()
         except BuildError as exc:
-            ignore_vertex.fail(self.redact(str(exc)))
+            vertex.fail(self.redact(str(exc)))
             raise BuildError(f"failed to solve with frontend dockerfile.v0: failed to read .dockerignore: {exc}") from None
         for lease in (df_lease, ignore_lease):
             lease.release()
@@ -306,7 +282,7 @@ class Builder:
             try:
                 context_lease = self._acquire(session, "context", "context", leases)
                 self._sync(session, protocol, filesync.SyncRequest("context", exclude_patterns=excludes),
-                           context_lease, vertex, "context", cancelled, record.streams)
+                           context_lease, vertex, "context", cancelled, record)
                 context_tree = context_lease.tree
                 context_listing = context_lease.listing()
                 vertex.done()
@@ -395,9 +371,7 @@ class Builder:
         leases.append(lease)
         return lease
 
-    def _sync(self, session, protocol, request, lease, vertex: VertexProgress | None, label, cancelled,
-              streams: list[dict]) -> None:
-        """Sync ``lease``'s tree from the client; what the transfer did is appended to ``streams``."""
+    def _sync(self, session, protocol, request, lease, vertex: VertexProgress | None, label, cancelled, record) -> None:
         status = f"transferring {label}:"
         try:
             # the entry's kept listing is the diff base: an unchanged tree is not walked again
@@ -413,10 +387,10 @@ class Builder:
         except WalkError as exc:
             raise BuildError(self.redact(f"cannot list the cached {label}: {exc}")) from None
         except BuildError as exc:
-            streams.append({"dir_name": request.dir_name, "protocol": protocol,
-                            "metadata": request.metadata(), "error": self.redact(str(exc))})
+            record.streams.append({"dir_name": request.dir_name, "protocol": protocol,
+                                   "metadata": request.metadata(), "error": self.redact(str(exc))})
             raise BuildError(self.redact(str(exc))) from None
-        streams.append(asdict(result))
+        record.streams.append(asdict(result))
         if vertex is not None:
             vertex.status(status, result.bytes_received, completed=True)
 
@@ -497,7 +471,7 @@ class Builder:
         say = (lambda text: None) if options.quiet else writer.stream
         say("Sending build context to Docker daemon over the client session\n")
         lease = self._acquire(session, "", "legacy", leases)
-        self._sync(session, protocol, filesync.SyncRequest(None), lease, None, "context", cancelled, record.streams)
+        self._sync(session, protocol, filesync.SyncRequest(None), lease, None, "context", cancelled, record)
         rootfs = os.path.join(workdir, "rootfs")
         base = None
         if plan.base.lower() != "scratch":
@@ -576,20 +550,6 @@ class StepRunner:
             images.remember_step(key, layer["diff_id"], layer["size"])
             self._key = key
         return False
-
-
-def _in_thread(name: str, work: Callable[[], object]) -> Future:
-    """Run ``work`` on a thread of its own; its result, or what it raised, comes through the future."""
-    future: Future = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(work())
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return future
 
 
 def _merge_env(base: list[str], ours: list[str]) -> list[str]:
