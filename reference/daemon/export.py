@@ -9,6 +9,7 @@ half-close and a wait for the client to end the call.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -99,16 +100,18 @@ def _checks(session: Session, cancelled: threading.Event, stream) -> None:
         raise BuildError(f"session ended: {session.close_reason}")
 
 
-def export_local(session: Session, rootfs: str, *, cancelled: threading.Event, stall_timeout: float,
-                 progress: Progress | None = None) -> ExportRecord:
+@contextlib.contextmanager
+def _export_call(session: Session, kind: str, cancelled: threading.Event, stall_timeout: float):
+    """A FileSend call to the client under a watchdog: yields ``(stream, record, watchdog)``,
+    turns a failed call into a BuildError (or BuildCancelled) and times the export."""
     require_filesend(session)
-    record = ExportRecord("local")
+    record = ExportRecord(kind)
     started = time.monotonic()
     stream = session.conn.open_stream(FILESEND_DIFFCOPY, [])
     watchdog = _Watchdog(stream, session, cancelled, stall_timeout)
     try:
         with watchdog:
-            _send_tree(session, stream, rootfs, record, cancelled, stall_timeout, progress, watchdog)
+            yield stream, record, watchdog
     except RpcError as exc:
         if watchdog.fired:
             raise (BuildCancelled() if cancelled.is_set() else BuildError(watchdog.fired)) from None
@@ -120,6 +123,12 @@ def export_local(session: Session, rootfs: str, *, cancelled: threading.Event, s
         raise BuildError(record.error) from None
     finally:
         record.seconds = time.monotonic() - started
+
+
+def export_local(session: Session, rootfs: str, *, cancelled: threading.Event, stall_timeout: float,
+                 progress: Progress | None = None) -> ExportRecord:
+    with _export_call(session, "local", cancelled, stall_timeout) as (stream, record, watchdog):
+        _send_tree(session, stream, rootfs, record, cancelled, stall_timeout, progress, watchdog)
     return record
 
 
@@ -205,13 +214,7 @@ def _await_end(stream, timeout: float) -> None:
 
 def export_tar(session: Session, rootfs: str, *, cancelled: threading.Event, stall_timeout: float,
                progress: Progress | None = None) -> ExportRecord:
-    require_filesend(session)
-    record = ExportRecord("tar")
-    started = time.monotonic()
-    stream = session.conn.open_stream(FILESEND_DIFFCOPY, [])
-    watchdog = _Watchdog(stream, session, cancelled, stall_timeout)
-    try:
-        watchdog.__enter__()
+    with _export_call(session, "tar", cancelled, stall_timeout) as (stream, record, watchdog):
         stats = list(walk(rootfs))
         record.entries = len(stats)
         batch = []
@@ -238,14 +241,6 @@ def export_tar(session: Session, rootfs: str, *, cancelled: threading.Event, sta
                 if waited >= stall_timeout:
                     stream.cancel()
                     raise BuildError(f"export to client stalled: the client did not finish within {stall_timeout:g} s") from None
-    except RpcError as exc:
-        if watchdog.fired:
-            raise (BuildCancelled() if cancelled.is_set() else BuildError(watchdog.fired)) from None
-        record.error = f"export to client failed: {exc.details or exc.code.name}"
-        raise BuildError(record.error) from None
-    finally:
-        watchdog.__exit__()
-        record.seconds = time.monotonic() - started
     if progress is not None:
         progress(record.bytes_sent)
     return record
