@@ -633,3 +633,37 @@ def test_data_frame_repr_names_the_length_without_copying_the_payload(monkeypatc
     monkeypatch.setattr(hyperframe.frame.DataFrame, "serialize_body",
                         lambda self: pytest.fail("repr serialized the payload"))
     assert repr(frame) == "DataFrame(stream_id=3, flags=['END_STREAM']): data=<100000 bytes>"
+
+
+def test_h2_server_stream_delivers_what_arrived_before_a_reset_first(monkeypatch):
+    """The daemon's last FIN and its RST_STREAM often come in one read: a handler that asks for the
+    next message while the reader thread is between the two must get the FIN, not CANCELLED.
+    (Delivery is batched per read, so the reset must not become visible before that batch.)"""
+    from reference.transport import h2grpc
+
+    stream = h2grpc._ServerStream(None, 1, "/moby.filesync.v1.FileSend/DiffCopy", [])
+    delivering, consumer_asked = threading.Event(), threading.Event()
+    deliver = h2grpc._Stream._deliver
+
+    def slow_deliver(self):
+        if self._arrived:
+            delivering.set()
+            consumer_asked.wait(5)  # the handler asks for the next message right now
+            time.sleep(0.05)
+        deliver(self)
+
+    monkeypatch.setattr(h2grpc._Stream, "_deliver", slow_deliver)
+    fin = b"\x08\x03"
+    stream._parse(b"\0" + len(fin).to_bytes(4, "big") + fin)  # the FIN, parsed by the reader thread
+    reader = threading.Thread(target=stream._abort, args=(StatusCode.CANCELLED, "cancelled by the peer"))
+    reader.start()
+    assert delivering.wait(5)
+    outcomes = []
+    consumer_asked.set()
+    try:
+        outcomes.append(stream.recv(timeout=5))
+        outcomes.append(stream.recv(timeout=5))
+    except RpcError as exc:
+        outcomes.append(exc.code)
+    reader.join(5)
+    assert outcomes == [fin, StatusCode.CANCELLED]

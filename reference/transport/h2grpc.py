@@ -390,6 +390,9 @@ class _ServerStream(_Stream):
             raise self._aborted
 
     def _abort(self, code: StatusCode, details: str) -> None:
+        # Deliver first: a handler that sees the abort must already have every message
+        # that arrived before it (the daemon's last FIN often shares a read with its reset).
+        self._deliver()
         self._aborted = self._send_error = RpcError(code, details)
         self._set_end(code, details)
 
