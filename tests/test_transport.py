@@ -667,3 +667,48 @@ def test_h2_server_stream_delivers_what_arrived_before_a_reset_first(monkeypatch
         outcomes.append(exc.code)
     reader.join(5)
     assert outcomes == [fin, StatusCode.CANCELLED]
+
+
+def test_h2_server_handler_ending_after_goaway_raises_nothing(monkeypatch):
+    """A handler that returns after the daemon sent GOAWAY (the session is ending) has nobody
+    to send its trailers to: finishing the call must not blow up in the handler's thread."""
+    import h2.config
+    import h2.connection
+
+    from reference.transport.h2grpc import serve_h2
+
+    thread_errors = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: thread_errors.append(args.exc_value))
+    started, release, returned = threading.Event(), threading.Event(), threading.Event()
+
+    def handler(stream):
+        stream.send(b"first")  # response headers go out: the trailers would be a second HEADERS
+        stream.flush()
+        started.set()
+        release.wait(5)
+        returned.set()
+
+    ours, theirs = socket.socketpair()
+    server = serve_h2(ours, {"/t.S/M": handler})
+    try:
+        peer = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        peer.initiate_connection()
+        theirs.sendall(peer.data_to_send())
+        theirs.settimeout(5)
+        peer.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", "/t.S/M"),
+                              (":authority", "localhost"), ("content-type", "application/grpc"), ("te", "trailers")])
+        theirs.sendall(peer.data_to_send())
+        assert started.wait(5)
+        peer.close_connection()  # GOAWAY
+        theirs.sendall(peer.data_to_send())
+        deadline = time.monotonic() + 5
+        while server._h2.state_machine.state is not h2.connection.ConnectionState.CLOSED:
+            assert time.monotonic() < deadline, "the server never processed the GOAWAY"
+            time.sleep(0.01)
+        release.set()
+        assert returned.wait(5)
+        time.sleep(0.2)  # the handler thread finishes the call
+        assert thread_errors == []
+    finally:
+        server.close()
+        theirs.close()

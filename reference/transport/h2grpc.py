@@ -839,6 +839,10 @@ class H2ServerConnection(_Connection, ServerConnection):
                         self._send_trailers_only(stream.stream_id, code, details, stream._remote_closed)
                 except h2.exceptions.StreamClosedError:
                     return
+                except h2.exceptions.ProtocolError:
+                    if self._h2.state_machine.state is not h2.connection.ConnectionState.CLOSED:
+                        raise
+                    return  # the peer sent GOAWAY: the session is ending, nobody to tell
                 self._out.append(self._h2.data_to_send())
             self._flush_out()
 
