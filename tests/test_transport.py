@@ -712,3 +712,46 @@ def test_h2_server_handler_ending_after_goaway_raises_nothing(monkeypatch):
     finally:
         server.close()
         theirs.close()
+
+
+def test_h2_server_close_lets_a_handler_finish_its_exchange():
+    """The build's answer can reach the client before the daemon's last FileSend FIN does: closing
+    the session right then must not cancel the export handler that is waiting for that FIN."""
+    import h2.config
+    import h2.connection
+
+    from reference.transport.h2grpc import serve_h2
+
+    got = queue.Queue()
+    waiting = threading.Event()
+
+    def handler(stream):
+        waiting.set()
+        try:
+            got.put(stream.recv(timeout=5))
+        except RpcError as exc:
+            got.put(exc.code)
+
+    ours, theirs = socket.socketpair()
+    server = serve_h2(ours, {"/t.S/M": handler})
+    closer = None
+    try:
+        peer = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        peer.initiate_connection()
+        theirs.sendall(peer.data_to_send())
+        theirs.settimeout(5)
+        peer.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", "/t.S/M"),
+                              (":authority", "localhost"), ("content-type", "application/grpc"), ("te", "trailers")])
+        theirs.sendall(peer.data_to_send())
+        assert waiting.wait(5)
+        closer = threading.Thread(target=server.close)
+        closer.start()  # the build was answered
+        time.sleep(0.1)
+        peer.send_data(1, b"\0\0\0\0\x02\x08\x03")  # the daemon's FIN, a moment later
+        theirs.sendall(peer.data_to_send())
+        assert got.get(timeout=5) == b"\x08\x03"
+    finally:
+        if closer is not None:
+            closer.join(10)
+        server.close()
+        theirs.close()

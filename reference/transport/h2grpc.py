@@ -67,6 +67,7 @@ SEND_BUFFER_LIMIT = 64 << 10
 # ``send_many`` hands over data in pieces of about this size.
 SEND_MANY_CHUNK = 1 << 20
 HANDLER_JOIN_TIMEOUT = 5.0
+CLOSE_GRACE = 1.0  # for handlers still running when the server is closed
 
 
 def _data_frame_body_repr(frame) -> str:
@@ -869,10 +870,17 @@ class H2ServerConnection(_Connection, ServerConnection):
             self._send_trailers_only(stream.stream_id, StatusCode.INTERNAL, details, stream._remote_closed)
 
     def close(self) -> None:
+        # A handler may still be finishing its exchange when the build is answered (an export
+        # waits for the daemon's last FIN, which travels on this connection, not with the
+        # answer): it gets a moment before the connection goes.
+        self._join_handlers(CLOSE_GRACE)
         self._shutdown()
+        self._join_handlers(HANDLER_JOIN_TIMEOUT)
+
+    def _join_handlers(self, timeout: float) -> None:
         with self._threads_lock:
             threads = list(self._handler_threads)
-        deadline = time.monotonic() + HANDLER_JOIN_TIMEOUT
+        deadline = time.monotonic() + timeout
         for thread in threads:
             if thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
