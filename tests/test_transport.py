@@ -34,6 +34,23 @@ SERVERS = {"h2": serve_h2, "grpcio": serve_grpcio}
 CLIENTS = {"h2": connect_h2, "grpcio": connect_grpcio}
 PAIRINGS = [("h2", "h2"), ("h2", "grpcio"), ("grpcio", "h2"), ("grpcio", "grpcio")]
 
+#: The request HEADERS of a call to "/t.S/M", as a gRPC client sends them.
+CALL_HEADERS = [(":method", "POST"), (":scheme", "http"), (":path", "/t.S/M"), (":authority", "localhost"),
+                ("content-type", "application/grpc"), ("te", "trailers")]
+
+
+def raw_h2_peer(sock: socket.socket, *, client_side: bool = True):
+    """A bare h2 connection on the other end of ``sock``, its preface sent: a test drives it
+    frame by frame where a real peer's timing is too coarse."""
+    import h2.config
+    import h2.connection
+
+    peer = h2.connection.H2Connection(h2.config.H2Configuration(client_side=client_side, header_encoding="utf-8"))
+    peer.initiate_connection()
+    sock.sendall(peer.data_to_send())
+    sock.settimeout(5)
+    return peer
+
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -556,8 +573,6 @@ def test_no_thread_leak_after_close(kinds):
 def test_h2_server_accepts_large_frame_arriving_with_the_settings_ack():
     """h2 raises its inbound frame limit only on the next receive_data() after the
     ACK; a peer that sends the ACK and a large DATA frame in one write must work."""
-    import h2.config
-    import h2.connection
 
     from reference.transport.h2grpc import serve_h2
 
@@ -569,14 +584,10 @@ def test_h2_server_accepts_large_frame_arriving_with_the_settings_ack():
     ours, theirs = socket.socketpair()
     server = serve_h2(ours, {"/t.S/M": handler})
     try:
-        peer = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
-        peer.initiate_connection()
-        theirs.sendall(peer.data_to_send())
-        theirs.settimeout(5)
+        peer = raw_h2_peer(theirs)
         while peer.max_outbound_frame_size <= 16384:  # wait for the server's SETTINGS
             peer.receive_data(theirs.recv(65536))
-        peer.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", "/t.S/M"),
-                              (":authority", "localhost"), ("content-type", "application/grpc"), ("te", "trailers")])
+        peer.send_headers(1, CALL_HEADERS)
         body = b"\0" + (100_000).to_bytes(4, "big") + b"x" * 100_000
         peer.send_data(1, body, end_stream=True)  # one frame: larger than 16 KiB
         theirs.sendall(peer.data_to_send())  # the SETTINGS ACK and the frame in one write
@@ -590,8 +601,6 @@ def test_h2_client_gets_every_message_that_arrives_with_the_end_of_the_call():
     """Messages parsed from one read reach the consumer together, and before the
     call's end that came in the same read (grpc-go sends a short listing and its
     trailers in one write)."""
-    import h2.config
-    import h2.connection
     import h2.events
 
     from reference.transport.h2grpc import connect_h2
@@ -599,10 +608,7 @@ def test_h2_client_gets_every_message_that_arrives_with_the_end_of_the_call():
     ours, theirs = socket.socketpair()
     client = connect_h2(ours)
     try:
-        peer = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
-        peer.initiate_connection()
-        theirs.sendall(peer.data_to_send())
-        theirs.settimeout(5)
+        peer = raw_h2_peer(theirs, client_side=False)
         stream = client.open_stream("/t.S/M")
         while not any(isinstance(e, h2.events.RequestReceived) for e in peer.receive_data(theirs.recv(65536))):
             pass
@@ -672,7 +678,6 @@ def test_h2_server_stream_delivers_what_arrived_before_a_reset_first(monkeypatch
 def test_h2_server_handler_ending_after_goaway_raises_nothing(monkeypatch):
     """A handler that returns after the daemon sent GOAWAY (the session is ending) has nobody
     to send its trailers to: finishing the call must not blow up in the handler's thread."""
-    import h2.config
     import h2.connection
 
     from reference.transport.h2grpc import serve_h2
@@ -691,12 +696,8 @@ def test_h2_server_handler_ending_after_goaway_raises_nothing(monkeypatch):
     ours, theirs = socket.socketpair()
     server = serve_h2(ours, {"/t.S/M": handler})
     try:
-        peer = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
-        peer.initiate_connection()
-        theirs.sendall(peer.data_to_send())
-        theirs.settimeout(5)
-        peer.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", "/t.S/M"),
-                              (":authority", "localhost"), ("content-type", "application/grpc"), ("te", "trailers")])
+        peer = raw_h2_peer(theirs)
+        peer.send_headers(1, CALL_HEADERS)
         theirs.sendall(peer.data_to_send())
         assert started.wait(5)
         peer.close_connection()  # GOAWAY
@@ -717,8 +718,6 @@ def test_h2_server_handler_ending_after_goaway_raises_nothing(monkeypatch):
 def test_h2_server_close_lets_a_handler_finish_its_exchange():
     """The build's answer can reach the client before the daemon's last FileSend FIN does: closing
     the session right then must not cancel the export handler that is waiting for that FIN."""
-    import h2.config
-    import h2.connection
 
     from reference.transport.h2grpc import serve_h2
 
@@ -736,12 +735,8 @@ def test_h2_server_close_lets_a_handler_finish_its_exchange():
     server = serve_h2(ours, {"/t.S/M": handler})
     closer = None
     try:
-        peer = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
-        peer.initiate_connection()
-        theirs.sendall(peer.data_to_send())
-        theirs.settimeout(5)
-        peer.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", "/t.S/M"),
-                              (":authority", "localhost"), ("content-type", "application/grpc"), ("te", "trailers")])
+        peer = raw_h2_peer(theirs)
+        peer.send_headers(1, CALL_HEADERS)
         theirs.sendall(peer.data_to_send())
         assert waiting.wait(5)
         closer = threading.Thread(target=server.close)
