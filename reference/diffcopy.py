@@ -580,17 +580,9 @@ def transfer_in_memory(
 
     listed, send_stat = sender.listed, sender.stat
     for stat in stats:
-        # deliver(), inlined: an unchanged entry costs the receiver no action at all
-        packet = listed(*stat) if type(stat) is tuple else send_stat(stat)
-        if encode:
-            packet = decode(packet.SerializeToString())
-        if transcript is not None:
-            transcript.append("> " + describe(packet))
-        actions = receive(packet)
-        if actions:
-            handle(actions)
-            while to_sender:  # answer REQs as they come, like fsutil's concurrent sender
-                serve(to_sender.popleft())
+        deliver(listed(*stat) if type(stat) is tuple else send_stat(stat))
+        while to_sender:  # answer REQs as they come, like fsutil's concurrent sender
+            serve(to_sender.popleft())
     deliver(sender.end_listing())
     while not done:
         if not to_sender:
