@@ -257,6 +257,11 @@ class InstrumentedDaemon:
             except Exception as exc:  # a scenario bug is reported to the test through the record
                 self.errors.append(f"scenario raised {type(exc).__name__}: {exc}")
                 result = ScenarioResult(image_id=None, error=f"harness error: {exc}")
+            if build.session is not None:
+                # dockerd never answers before the client's session server runs (it needs the
+                # session for the Dockerfile). Answering a scenario that made no call sooner makes
+                # the docker CLI 20.10 hang: Session.Close() then finds no connection to close.
+                build.session.conn.wait_peer_ready(self.session_wait)
         build.outcome = {"image_id": result.image_id, "error": result.error}
         lines = [json.dumps({"id": "moby.buildkit.trace", "aux": base64.b64encode(t).decode()}) for t in result.trace]
         hang = self._keeps_response_open(result)

@@ -174,6 +174,11 @@ class ClientConnection(abc.ABC):
         return response
 
     @abc.abstractmethod
+    def wait_peer_ready(self, timeout: float | None = None) -> bool:
+        """Wait until the peer has sent its first bytes (an HTTP/2 server's SETTINGS):
+        its gRPC server is running. False when the connection ended or ``timeout`` passed first."""
+
+    @abc.abstractmethod
     def close(self) -> None: ...
 
     def wait(self, timeout: float | None = None) -> bool:

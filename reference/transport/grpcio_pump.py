@@ -173,6 +173,9 @@ class _Pump:
         self.outer = outer
         self.inner = inner
         self.done = threading.Event()
+        # set at the first bytes from the outer socket, or when the pump ends without any
+        self.outer_spoke = threading.Event()
+        self.outer_bytes_seen = False
         self._ended = 0
         self._lock = threading.Lock()
         self._threads = [
@@ -183,16 +186,18 @@ class _Pump:
     def start(self, initial_bytes: bytes = b"") -> None:
         if initial_bytes:
             self.inner.sendall(initial_bytes)
+            self._outer_spoke()
         for thread in self._threads:
             thread.start()
 
     def _run(self, src: socket.socket, dst: socket.socket) -> None:
         failed = False
+        first = self._outer_spoke if src is self.outer else None
         try:
             if hasattr(os, "splice"):
-                self._splice(src, dst)
+                self._splice(src, dst, first)
             else:
-                self._copy(src, dst)
+                self._copy(src, dst, first)
         except OSError:
             failed = True
         try:
@@ -206,10 +211,15 @@ class _Pump:
         with self._lock:
             self._ended += 1
             if self._ended == 2:
+                self.outer_spoke.set()
                 self.done.set()
 
+    def _outer_spoke(self) -> None:
+        self.outer_bytes_seen = True
+        self.outer_spoke.set()
+
     @staticmethod
-    def _splice(src: socket.socket, dst: socket.socket) -> None:
+    def _splice(src: socket.socket, dst: socket.socket, first=None) -> None:
         read_end, write_end = os.pipe()
         try:
             try:  # a larger pipe means fewer splice calls per megabyte
@@ -222,6 +232,9 @@ class _Pump:
                 moved = os.splice(src_fd, write_end, PUMP_CHUNK)
                 if moved == 0:
                     return
+                if first is not None:
+                    first()
+                    first = None
                 while moved:
                     moved -= os.splice(read_end, dst_fd, moved)
         finally:
@@ -229,8 +242,11 @@ class _Pump:
             os.close(write_end)
 
     @staticmethod
-    def _copy(src: socket.socket, dst: socket.socket) -> None:
+    def _copy(src: socket.socket, dst: socket.socket, first=None) -> None:
         while data := src.recv(PUMP_CHUNK):
+            if first is not None:
+                first()
+                first = None
             dst.sendall(data)
 
     def abort(self) -> None:
@@ -558,6 +574,10 @@ class GrpcioClientConnection(ClientConnection):
     def _watch(self) -> None:
         self._pump.done.wait()
         self._teardown()
+
+    def wait_peer_ready(self, timeout: float | None = None) -> bool:
+        self._pump.outer_spoke.wait(timeout)
+        return self._pump.outer_bytes_seen
 
     def open_stream(self, method: str, metadata: Metadata = ()) -> _ClientStream:
         if self._closing or self._pump.done.is_set():

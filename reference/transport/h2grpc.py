@@ -476,6 +476,9 @@ class _Connection:
         self._dead: str | None = None
         self._goaway_received = False
         self.closed = threading.Event()
+        # set at the peer's first SETTINGS, or when the connection ends without it
+        self._peer_spoke = threading.Event()
+        self._peer_settings_seen = False
 
         settings = {
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
@@ -568,6 +571,7 @@ class _Connection:
                 self._sock.close()
             except OSError:
                 pass
+            self._peer_spoke.set()
             self.closed.set()
 
     def _receive(self, data: bytes) -> None:
@@ -596,8 +600,13 @@ class _Connection:
         kind = type(event)
         if kind is h2.events.DataReceived:
             self._on_data(event)
-        elif kind is h2.events.WindowUpdated or kind is h2.events.RemoteSettingsChanged:
+        elif kind is h2.events.WindowUpdated:
             self._window_cond.notify_all()
+        elif kind is h2.events.RemoteSettingsChanged:
+            self._window_cond.notify_all()
+            if not self._peer_settings_seen:
+                self._peer_settings_seen = True
+                self._peer_spoke.set()
         elif kind is h2.events.StreamEnded:
             self._on_stream_ended(event.stream_id)
         elif kind is h2.events.StreamReset:
@@ -890,6 +899,10 @@ class H2ClientConnection(_Connection, ClientConnection):
     """The daemon's side: opens calls on the client's gRPC server."""
 
     client_side = True
+
+    def wait_peer_ready(self, timeout: float | None = None) -> bool:
+        self._peer_spoke.wait(timeout)
+        return self._peer_settings_seen
 
     def open_stream(self, method: str, metadata: Metadata = (), *, timeout: float | None = None) -> _ClientStream:
         headers = [
