@@ -204,6 +204,23 @@ def test_refused_upgrade_is_reported(client):
            "the HTTP status (400) is reported", run.output[-2000:])
 
 
+@requirement("TIMEOUT-6")
+def test_client_exits_when_its_build_is_refused_before_the_upgrade(client):
+    """dockerd refuses some build options at once (HTTP 400), while the client's upgrade may
+    still be in flight. Here the 101 waits up to 2 s for that answer; once the answer has gone
+    out it never comes, so the client must give up its session on its own. (A client that
+    upgrades before it sends /build gets its 101 after 2 s, then the refusal.)"""
+    message = 'Unsupported isolation: "conformance-7732"'
+    body = json.dumps({"message": message}).encode()
+    daemon, run = run_client(client, make_context({"a.txt": "a"}),
+                             daemon_kw={"refuse_build": (400, body), "hold_upgrade": 2.0}, timeout=15)
+    order = [what for _, what in sorted(daemon.timeline)]
+    expect("TIMEOUT-6", run.returncode not in (0, -9), "the client exits, with an error",
+           f"exit {run.returncode}; daemon saw: {order}", [run.output[-2000:]])
+    expect("TIMEOUT-6", "conformance-7732" in run.output, f"the daemon's message ({message!r}) is reported",
+           run.output[-2000:])
+
+
 @requirement("HANDSHAKE-5")
 def test_101_is_parsed_generically(client):
     """The 101 and the daemon's HTTP/2 preface arrive in one write, and the head

@@ -118,13 +118,22 @@ class ScriptDaemon(InstrumentedDaemon):
     reason:        reason phrase of the 101
     extra_headers: more header lines in the 101 head
     coalesce:      write the 101 head and our HTTP/2 preface in one sendall
+    refuse_build:  (status, body) answers /build at once, without waiting for the session
+                   (as dockerd does with options it rejects, e.g. an unknown isolation)
+    hold_upgrade:  seconds the 101 waits for the build's answer; if that answer goes out first,
+                   the upgrade is never completed (the connection stays open until the daemon closes)
     """
 
     def __init__(self, scenario=None, *, refuse: tuple[int, bytes] | None = None,
                  reason: str = "Switching Protocols", extra_headers: list[tuple[str, str]] = (),
-                 coalesce: bool = False, session_wait: float = 5.0, transport: str = "h2"):
+                 coalesce: bool = False, session_wait: float = 5.0, transport: str = "h2",
+                 refuse_build: tuple[int, bytes] | None = None, hold_upgrade: float = 0.0):
         super().__init__(scenario, transport=transport, session_wait=session_wait)
         self.refuse = refuse
+        self.refuse_build = refuse_build
+        self.hold_upgrade = hold_upgrade
+        self._build_answered = threading.Event()
+        self.timeline: list[tuple[float, str]] = []  # (monotonic time, "build answered" | "101 sent")
         self.reason = reason
         self.extra_headers = list(extra_headers)
         self.coalesce = coalesce
@@ -158,6 +167,10 @@ class ScriptDaemon(InstrumentedDaemon):
             except OSError:
                 pass
             return False
+        if self.hold_upgrade and self._build_answered.wait(self.hold_upgrade):
+            self.timeline.append((time.monotonic(), "101 withheld"))
+            self._stop.wait()
+            return False
         return super()._session(sock, conn, headers)
 
     def _upgrade_head(self) -> bytes:
@@ -173,12 +186,19 @@ class ScriptDaemon(InstrumentedDaemon):
         self._wrapped[session_id] = wrapped
         if not self.coalesce:
             sock.sendall(head)
+        self.timeline.append((time.monotonic(), "101 sent"))
         return wrapped
 
     # -- build ------------------------------------------------------------------------------
     def _build(self, sock, conn, target: str, body: bytes) -> None:
         self.build_arrivals.append(time.monotonic())
-        super()._build(sock, conn, target, body)
+        if self.refuse_build is not None:
+            status, answer = self.refuse_build
+            self._respond(sock, conn, status, answer)
+        else:
+            super()._build(sock, conn, target, body)
+        self.timeline.append((time.monotonic(), "build answered"))
+        self._build_answered.set()
 
     def _keeps_response_open(self, result) -> bool:
         return isinstance(result, ScriptResult) and result.hang
