@@ -12,39 +12,34 @@ HTTP/2 server has spoken.
 from __future__ import annotations
 
 import socket
-import threading
 import time
 
 import h11
 import pytest
 
 from conformance.harness.instrumented_daemon import InstrumentedDaemon, ScenarioResult
-from reference.transport.base import connect_grpcio, connect_h2
+from reference.dockerhost import connect
+from reference.session import SessionRequest, open_session
+from reference.transport.base import connect_grpcio, connect_h2, serve_h2
 
 pytestmark = pytest.mark.timeout(60)
 
 CLIENTS = {"h2": connect_h2, "grpcio": connect_grpcio}
 
 
-def _server_preface() -> bytes:
-    import h2.config
-    import h2.connection
-
-    peer = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-    peer.initiate_connection()
-    return peer.data_to_send()
-
-
 @pytest.mark.parametrize("transport", sorted(CLIENTS))
 def test_client_connection_knows_when_the_peer_has_spoken(transport):
     ours, theirs = socket.socketpair()
     conn = CLIENTS[transport](ours)
+    server = None
     try:
         assert not conn.wait_peer_ready(0.3), "ready before the peer sent anything"
-        theirs.sendall(_server_preface())
+        server = serve_h2(theirs, {})  # the peer's server starts: it sends its SETTINGS
         assert conn.wait_peer_ready(5)
     finally:
         conn.close()
+        if server is not None:
+            server.close()
         theirs.close()
 
 
@@ -61,12 +56,11 @@ def test_peer_ready_wait_ends_when_the_connection_does(transport):
         conn.close()
 
 
-def _http(sock: socket.socket, method: str, target: str, headers=()) -> None:
+def _post(sock: socket.socket, target: str) -> None:
+    """Send a bodiless POST without waiting for the answer (HttpConnection.request would wait)."""
     conn = h11.Connection(h11.CLIENT)
-    data = conn.send(h11.Request(method=method, target=target,
-                                 headers=[("Host", "docker"), ("Content-Length", "0"), *headers]))
-    data += conn.send(h11.EndOfMessage())
-    sock.sendall(data)
+    data = conn.send(h11.Request(method="POST", target=target, headers=[("Host", "docker"), ("Content-Length", "0")]))
+    sock.sendall(data + conn.send(h11.EndOfMessage()))
 
 
 def _read_until(sock: socket.socket, marker: bytes, timeout: float) -> bytes:
@@ -86,19 +80,18 @@ def _read_until(sock: socket.socket, marker: bytes, timeout: float) -> bytes:
 def test_build_is_answered_only_after_the_clients_session_has_spoken():
     session_id = "harness-wait-1"
     with InstrumentedDaemon(lambda build: ScenarioResult()) as daemon:
-        path = daemon.socket_path
-        session = socket.socket(socket.AF_UNIX)
-        session.connect(path)
-        _http(session, "POST", "/v1.41/session",
-              [("Connection", "Upgrade"), ("Upgrade", "h2c"), ("X-Docker-Expose-Session-Uuid", session_id)])
-        assert b"101" in _read_until(session, b"\r\n\r\n", 5)
-        build = socket.socket(socket.AF_UNIX)
-        build.connect(path)
-        _http(build, "POST", f"/v1.41/build?session={session_id}&remote=client-session")
-        early = _read_until(build, b"moby.image.id", 1.0)
-        assert b"moby.image.id" not in early, "build answered before the client's HTTP/2 server spoke"
-        session.sendall(_server_preface())
-        late = early + _read_until(build, b"moby.image.id", 5)
-        assert b"moby.image.id" in late
-        build.close()
-        session.close()
+        session, leftover = open_session(SessionRequest(session_id, "harness", "", []), daemon.host)
+        build = connect(daemon.host)
+        server = None
+        try:
+            _post(build, f"/v1.41/build?session={session_id}&remote=client-session")
+            early = _read_until(build, b"moby.image.id", 1.0)
+            assert b"moby.image.id" not in early, "build answered before the client's HTTP/2 server spoke"
+            server = serve_h2(session, {}, leftover)  # now the client's server speaks
+            late = early + _read_until(build, b"moby.image.id", 5)
+            assert b"moby.image.id" in late
+        finally:
+            if server is not None:
+                server.close()
+            build.close()
+            session.close()

@@ -133,7 +133,7 @@ class ScriptDaemon(InstrumentedDaemon):
         self.refuse_build = refuse_build
         self.hold_upgrade = hold_upgrade
         self._build_answered = threading.Event()
-        self.timeline: list[tuple[float, str]] = []  # (monotonic time, "build answered" | "101 sent")
+        self.timeline: list[tuple[float, str]] = []  # (monotonic time, "build answered" | "101 sent" | "101 withheld")
         self.reason = reason
         self.extra_headers = list(extra_headers)
         self.coalesce = coalesce
