@@ -39,8 +39,8 @@ def _machine() -> dict:
         "python": platform.python_version(),
         "kernel": platform.release(),
         "rsync": _version(["/usr/bin/rsync", "--version"]),
-        "docker_cli": _version(["/usr/bin/docker", "--version"]),
-        "dockerd": _version(["/usr/sbin/dockerd", "--version"]),
+        "docker_cli": _version([realpeers.DOCKER_CLI, "--version"]),
+        "dockerd": _version([realpeers.DOCKERD, "--version"]),
     }
 
 

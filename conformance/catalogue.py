@@ -25,7 +25,7 @@ __all__ = [
 
 LEVELS = ("MUST", "SHOULD", "MAY")
 ROLES = ("client", "daemon", "sender", "receiver")
-GENERATIONS = ("n", "n+1", "all")
+GENERATIONS = ("n-1", "n", "n+1", "all")
 
 ID_PATTERN = re.compile(r"^[A-Z][A-Z0-9]*(-[A-Z0-9]+)*-\d+$")
 
@@ -64,9 +64,9 @@ class Requirement:
         return role in self.roles
 
     def applies_to(self, generation: str) -> bool:
-        """Whether the rule holds in the given protocol generation (``n`` or ``n+1``)."""
-        if generation not in ("n", "n+1"):
-            raise ValueError(f"unknown generation {generation!r}; expected 'n' or 'n+1'")
+        """Whether the rule holds in the given protocol generation (``n-1``, ``n`` or ``n+1``)."""
+        if generation not in ("n-1", "n", "n+1"):
+            raise ValueError(f"unknown generation {generation!r}; expected 'n-1', 'n' or 'n+1'")
         return "all" in self.generations or generation in self.generations
 
 

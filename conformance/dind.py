@@ -1,13 +1,14 @@
-"""Docker in Docker: a dockerd 20.10 in a container on a host daemon, started with testcontainers.
+"""Docker in Docker: a dockerd (20.10 or 26.1) in a container on a host daemon, started with testcontainers.
 
 Library code (no pytest import). The pieces:
 
 * ``host_daemon()``: a context manager yielding the Engine URL of a host daemon to run containers on: the
   one named by DOCKER_HOST or at /var/run/docker.sock when it answers, otherwise a ``PrivateDockerd``
-  started for the occasion (root and the Debian docker.io binaries needed). ``NoHostDaemon`` says why not.
+  started for the occasion (root and the installed peers needed). ``NoHostDaemon`` says why not.
 * ``resolve_image()``: the requested image if it is present or can be pulled; otherwise (no registry, as on
-  the project's machines) a local image, ``session-conformance/dind:local``, assembled ``FROM scratch`` out of
-  the host's docker.io binaries and their shared libraries and built with the host's docker CLI 20.10.
+  the project's machines) a local image of the same vintage, ``session-conformance/dind:<vintage>-local``,
+  assembled ``FROM scratch`` out of that vintage's peer binaries (``conformance.peers``) and their shared
+  libraries and built with the docker CLI 20.10.
 * ``DindDaemon``: one container running ``dockerd --experimental`` with the options that work without
   ``--privileged`` (the hosts lack CAP_SYS_RESOURCE), its socket published through a bind-mounted folder.
   A small ``sh`` wrapper first remounts the container's cgroup mounts read-write, which RUN steps need.
@@ -27,6 +28,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -35,13 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .realpeers import (
-    DOCKER_CLI, DOCKERD, BUSYBOX_STATIC, PrivateDockerd, _start_time, no_docker_reason, unix_http_get,
-)
+from . import peers
+from .realpeers import DOCKER_CLI, BUSYBOX_STATIC, PrivateDockerd, _start_time, no_docker_reason, unix_http_get
 
-DEFAULT_IMAGES = ("docker:20.10-dind",)
+DEFAULT_IMAGES = ("docker:20.10-dind", "docker:26.1-dind")
 IMAGES_ENV = "SESSION_DIND_IMAGE"  # comma-separated, like --dind-image
-OFFLINE_IMAGE = "session-conformance/dind:local"
+# Built from the peers of each vintage when the requested image cannot be had (no registry here).
+OFFLINE_IMAGES = {vintage: f"session-conformance/dind:{vintage}-local" for vintage in peers.VINTAGES}
+OFFLINE_IMAGE = OFFLINE_IMAGES["20.10"]
 # Label on the offline image: rebuilt when the host's binaries change.
 _SOURCE_LABEL = "org.session-conformance.dind.source"
 # Label on every dind container: "<pid> <start time>" of the owning process, to reclaim orphans.
@@ -51,15 +54,28 @@ _OWNER_LABEL = "org.session-conformance.dind.owner"
 _SHARED_IN_CONTAINER = "/shared"
 _SOCKET_NAME = "docker.sock"
 
-# Host binaries that make up the offline image: (path on the host, path in the image).
+# Binaries of a vintage's directory that make up its offline image: (path in the vintage, path in the image).
 _OFFLINE_BINARIES = (
-    (DOCKERD, "/usr/bin/dockerd"),
-    ("/usr/bin/containerd", "/usr/bin/containerd"),
-    ("/usr/bin/containerd-shim-runc-v2", "/usr/bin/containerd-shim-runc-v2"),
-    ("/usr/sbin/runc", "/usr/bin/runc"),
-    ("/usr/bin/docker-init", "/usr/bin/docker-init"),  # tini-static, for `docker run --init`
-    (BUSYBOX_STATIC, "/bin/busybox"),  # sh and mount for the start-up wrapper (see command()); also for debugging
+    ("usr/sbin/dockerd", "/usr/bin/dockerd"),
+    ("usr/bin/containerd", "/usr/bin/containerd"),
+    ("usr/bin/containerd-shim-runc-v2", "/usr/bin/containerd-shim-runc-v2"),
+    ("usr/sbin/runc", "/usr/bin/runc"),
+    ("usr/bin/docker-init", "/usr/bin/docker-init"),  # tini-static, for `docker run --init`
 )
+
+
+def _offline_binaries(vintage: str) -> list[tuple[str, str]]:
+    """(path on the host, path in the image) for the offline image of a vintage."""
+    directory = peers.vintage_dir(vintage)
+    return [(str(directory / inside), image_path) for inside, image_path in _OFFLINE_BINARIES] + [
+        (BUSYBOX_STATIC, "/bin/busybox"),  # sh and mount for the start-up wrapper (see command()); also for debugging
+    ]
+
+
+def vintage_of(image: str) -> str | None:
+    """'docker:26.1-dind' or 'session-conformance/dind:26.1-local' -> '26.1'; None when no vintage matches."""
+    match = re.search(r":(?:v)?(\d+\.\d+)", image)
+    return match.group(1) if match and match.group(1) in peers.VINTAGES else None
 
 _REMOUNT_CGROUPS_RW = (
     'for m in /sys/fs/cgroup /sys/fs/cgroup/*; do '
@@ -153,21 +169,24 @@ class ResolvedImage:
 
     @property
     def tag(self) -> str:
-        """A short name for reports: 'docker-20.10-dind', or 'offline' for the locally built image."""
-        if self.image == OFFLINE_IMAGE:
-            return "offline"
+        """A short name for reports: 'docker-20.10-dind', or 'offline-26.1' for a locally built image."""
+        for vintage, image in OFFLINE_IMAGES.items():
+            if self.image == image:
+                return f"offline-{vintage}"
         return self.requested.rsplit("/", 1)[-1].replace(":", "-")
 
 
 def resolve_image(host_url: str, requested: str, *, rebuild: bool = False, log=print) -> ResolvedImage:
-    """The requested image when present or pullable, else the offline image (built once per host daemon)."""
+    """The requested image when present or pullable, else the offline image of its vintage (built once per
+    host daemon)."""
     import docker
 
+    vintage = vintage_of(requested)
     client = _docker_client(host_url)
     try:
-        if requested == OFFLINE_IMAGE:
-            build_offline_image(host_url, rebuild=rebuild, log=log)
-            return ResolvedImage(requested, OFFLINE_IMAGE, "built offline (requested)")
+        if requested in OFFLINE_IMAGES.values():
+            build_offline_image(host_url, vintage, rebuild=rebuild, log=log)
+            return ResolvedImage(requested, requested, "built offline (requested)")
         try:
             client.images.get(requested)
             return ResolvedImage(requested, requested, "present")
@@ -178,17 +197,20 @@ def resolve_image(host_url: str, requested: str, *, rebuild: bool = False, log=p
             return ResolvedImage(requested, requested, "pulled")
         except docker.errors.APIError as exc:
             why = str(exc.explanation or exc).splitlines()[0][:200]
-        log(f"dind: cannot pull {requested} ({why}); using the offline image {OFFLINE_IMAGE}")
-        build_offline_image(host_url, rebuild=rebuild, log=log)
-        return ResolvedImage(requested, OFFLINE_IMAGE, f"built offline (pull failed: {why})")
+        if vintage is None:
+            raise DindError(f"cannot pull {requested} ({why}), and its tag names no vintage of the installed peers "
+                            f"({', '.join(peers.VINTAGES)}) to build an offline image of")
+        log(f"dind: cannot pull {requested} ({why}); using the offline image {OFFLINE_IMAGES[vintage]}")
+        build_offline_image(host_url, vintage, rebuild=rebuild, log=log)
+        return ResolvedImage(requested, OFFLINE_IMAGES[vintage], f"built offline (pull failed: {why})")
     finally:
         client.close()
 
 
-def _offline_source_id() -> str:
+def _offline_source_id(vintage: str) -> str:
     """Identifies the host binaries the offline image is made of (size and mtime of each)."""
     h = hashlib.sha256()
-    for host_path, _ in _OFFLINE_BINARIES:
+    for host_path, _ in _offline_binaries(vintage):
         st = os.stat(host_path)
         h.update(f"{host_path} {st.st_size} {st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
@@ -217,14 +239,15 @@ def _copy_into(rootfs: Path, host_path: str, image_path: str) -> None:
     shutil.copy2(os.path.realpath(host_path), destination)  # the file itself, not a symlink to it
 
 
-def write_offline_rootfs(rootfs: Path) -> None:
-    """A minimal root filesystem for dockerd 20.10: the binaries, their libraries, a few /etc files."""
-    missing = [path for path, _ in _OFFLINE_BINARIES if not os.access(path, os.X_OK)]
+def write_offline_rootfs(rootfs: Path, vintage: str = "20.10") -> None:
+    """A minimal root filesystem for a vintage's dockerd: the binaries, their libraries, a few /etc files."""
+    binaries = _offline_binaries(vintage)
+    missing = [path for path, _ in binaries if not os.access(path, os.X_OK)]
     if missing:
-        raise DindError(f"cannot build {OFFLINE_IMAGE}: missing {', '.join(missing)} "
-                        "(install docker.io and busybox-static: .ci/install-system-deps)")
+        raise DindError(f"cannot build {OFFLINE_IMAGES[vintage]}: missing {', '.join(missing)} "
+                        "(install the peers and busybox-static: .ci/install-system-deps)")
     libraries: set[str] = set()
-    for host_path, image_path in _OFFLINE_BINARIES:
+    for host_path, image_path in binaries:
         _copy_into(rootfs, host_path, image_path)
         libraries.update(_shared_libraries(host_path))
     for library in sorted(libraries):
@@ -258,15 +281,17 @@ def _image_label(host_url: str, image: str, label: str) -> str | None:
         client.close()
 
 
-def build_offline_image(host_url: str, tag: str = OFFLINE_IMAGE, *, rebuild: bool = False, log=print) -> str:
-    """Build ``tag`` FROM scratch out of the host's binaries with /usr/bin/docker build; cached by tag."""
-    source = _offline_source_id()
+def build_offline_image(host_url: str, vintage: str = "20.10", *, rebuild: bool = False, log=print) -> str:
+    """Build the vintage's offline image FROM scratch out of its peer binaries with the docker CLI 20.10;
+    cached by tag and source."""
+    tag = OFFLINE_IMAGES[vintage]
+    source = _offline_source_id(vintage)
     if not rebuild and _image_label(host_url, tag, _SOURCE_LABEL) == source:
         return tag
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="dsc-dindimg-") as context, \
             tempfile.TemporaryDirectory(prefix="dsc-cfg-") as cli_config:
-        write_offline_rootfs(Path(context, "rootfs"))
+        write_offline_rootfs(Path(context, "rootfs"), vintage)
         Path(context, "Dockerfile").write_text(
             "FROM scratch\n"
             "COPY rootfs/ /\n"
@@ -280,7 +305,7 @@ def build_offline_image(host_url: str, tag: str = OFFLINE_IMAGE, *, rebuild: boo
                               env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise DindError(f"building {tag} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    log(f"dind: built {tag} from the host's docker.io binaries in {time.monotonic() - started:.1f} s")
+    log(f"dind: built {tag} from the {vintage} peer binaries in {time.monotonic() - started:.1f} s")
     return tag
 
 

@@ -1,8 +1,12 @@
 """pytest plugin: point the suite at an implementation, grade outcomes, write reports.
 
 Options (each also as an environment variable):
-  --daemon-under-test URL       SESSION_DAEMON_UNDER_TEST   the suite plays the client
-  --client-under-test 'CMD'     SESSION_CLIENT_UNDER_TEST   the suite plays the daemon; CMD contains {context}
+  --daemon-under-test URL       SESSION_DAEMON_UNDER_TEST   the suite plays the client; peer:NAME starts a real
+                                                            peer of `python -m conformance.peers list` for the run
+  --client-under-test 'CMD'     SESSION_CLIENT_UNDER_TEST   the suite plays the daemon; CMD contains {context};
+                                                            peer:NAME runs a real client peer's `docker build`
+  --daemon-generation, --client-generation n|n+1|auto       auto (default): as identified, else n+1
+  --known-deviations on|off     SESSION_KNOWN_DEVIATIONS    off: grade as if nothing were known of the target
   --report-dir DIR              SESSION_REPORT_DIR          junit.xml, results.json, summary.md
   --allow-destructive           SESSION_ALLOW_DESTRUCTIVE   run cases that can damage a non-conforming daemon
   --conformance-profile fast|thorough                       hypothesis effort
@@ -13,13 +17,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import pytest
 
 from . import outcomes
+from .identify import family_of
 from .targets import (
-    ClientSpec, ClientTarget, DaemonSpec, attach_daemon, embedded_client_specs, embedded_daemon_specs,
+    PEER_PREFIX, ClientSpec, ClientTarget, DaemonSpec, attach_daemon, embedded_client_specs,
+    embedded_daemon_specs, identify_client, peer_client_spec, peer_daemon_spec, start_peer_daemon,
     start_reference_daemon,
 )
 
@@ -29,14 +34,22 @@ _RESULTS_KEY = pytest.StashKey[list]()
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("session-conformance", "Docker client session conformance")
     group.addoption("--daemon-under-test", default=os.environ.get("SESSION_DAEMON_UNDER_TEST"),
-                    help="Engine API URL (unix:///path or tcp://host:port) of the daemon to test")
-    group.addoption("--daemon-generation", default=os.environ.get("SESSION_DAEMON_GENERATION", "n+1"),
-                    choices=["n", "n+1"], help="protocol generation the daemon under test claims")
+                    help="Engine API URL (unix:///path or tcp://host:port) of the daemon to test, or peer:NAME "
+                         "for a private real daemon of `python -m conformance.peers list` (e.g. peer:dockerd-26.1)")
+    group.addoption("--daemon-generation", default=os.environ.get("SESSION_DAEMON_GENERATION", "auto"),
+                    choices=["n", "n+1", "auto"],
+                    help="protocol generation the daemon under test claims (auto: as identified, else n+1)")
     group.addoption("--client-under-test", default=os.environ.get("SESSION_CLIENT_UNDER_TEST"),
                     help="command that runs one build against DOCKER_HOST; '{context}' marks the context "
-                         "argument, e.g. '/usr/bin/docker build {context}'")
-    group.addoption("--client-generation", default=os.environ.get("SESSION_CLIENT_GENERATION", "n+1"),
-                    choices=["n", "n+1"], help="protocol generation the client under test claims")
+                         "argument, e.g. 'docker build --progress plain {context}'; or peer:NAME for a real client "
+                         "peer (e.g. peer:docker-cli-20.10)")
+    group.addoption("--client-generation", default=os.environ.get("SESSION_CLIENT_GENERATION", "auto"),
+                    choices=["n", "n+1", "auto"],
+                    help="protocol generation the client under test claims (auto: as identified, else n+1)")
+    group.addoption("--known-deviations", default=os.environ.get("SESSION_KNOWN_DEVIATIONS", "on"),
+                    choices=["on", "off"],
+                    help="on: a failure SPEC.md lists as a known deviation of the identified implementation is "
+                         "an expected failure; off: it is a FAIL like any other")
     group.addoption("--report-dir", default=os.environ.get("SESSION_REPORT_DIR"),
                     help="write junit.xml, results.json and summary.md here")
     group.addoption("--allow-destructive", action="store_true",
@@ -67,15 +80,21 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def daemon_specs(config: pytest.Config) -> list[DaemonSpec]:
     url = config.getoption("daemon_under_test")
+    generation = config.getoption("daemon_generation")
+    if url and url.startswith(PEER_PREFIX):
+        return [peer_daemon_spec(url[len(PEER_PREFIX):], generation)]
     if url:
-        return [DaemonSpec("under-test", url=url, generation=config.getoption("daemon_generation"))]
+        return [DaemonSpec("under-test", url=url, generation=generation)]
     return embedded_daemon_specs()
 
 
 def client_specs(config: pytest.Config, *, pair: bool) -> list[ClientSpec | None]:
     command = config.getoption("client_under_test")
+    generation = config.getoption("client_generation")
+    if command and command.startswith(PEER_PREFIX):
+        return [peer_client_spec(command[len(PEER_PREFIX):], generation)]
     if command:
-        return [ClientSpec("under-test", command, config.getoption("client_generation"))]
+        return [ClientSpec("under-test", command, generation)]
     if config.getoption("daemon_under_test") and not pair:
         return [None]  # client-role tests have nothing to test when only a daemon is under test
     return embedded_client_specs()
@@ -101,17 +120,6 @@ _started: dict[DaemonSpec, object] = {}
 _DEVIATIONS_KEY = pytest.StashKey[dict]()
 
 
-def _implementation_family(implementation: str) -> str | None:
-    """'dockerd 20.10.24' -> 'dockerd 20.10'; 'docker CLI 20.10' -> 'docker CLI 20.10';
-    'reference-daemon 0.1.0 (n+1) via grpcio' -> 'reference-daemon 0.1 via grpcio'."""
-    match = re.match(r"(.*?)\s+v?(\d+)\.(\d+)", implementation)
-    if not match:
-        return None
-    family = f"{match.group(1)} {match.group(2)}.{match.group(3)}"
-    via = re.search(r" via (\S+)$", implementation)
-    return family + (via.group(0) if via else "")
-
-
 def _apply_known_deviations(request: pytest.FixtureRequest, implementation: str) -> None:
     """Remember which of the test's requirements the target is known to break.
 
@@ -120,7 +128,9 @@ def _apply_known_deviations(request: pytest.FixtureRequest, implementation: str)
     """
     from .catalogue import load_catalogue
 
-    family = _implementation_family(implementation)
+    if request.config.getoption("known_deviations") == "off":
+        return
+    family = family_of(implementation)
     if not family:
         return
     catalogue = load_catalogue()
@@ -149,8 +159,20 @@ def daemon(request: pytest.FixtureRequest, _daemon_pool):
         pytest.skip("testing a client only: daemon-role cases do not apply")
     target = _daemon_pool.get(spec)
     if target is None:
-        target = attach_daemon(spec) if spec.url else start_reference_daemon(spec)
+        if spec.peer:
+            target = start_peer_daemon(spec)
+        elif spec.url:
+            target = attach_daemon(spec)
+        else:
+            target = start_reference_daemon(spec)
         _daemon_pool[spec] = target
+    if not target.alive() and target.private_peer is not None:
+        # A private real peer is disposable: a destructive case may have crashed it (dockerd 20.10.24 dies of a
+        # bare ".."), and the cases after it deserve a daemon.
+        died = target.logs()
+        target.stop()
+        target = _daemon_pool[spec] = start_peer_daemon(spec)
+        target.restarted_after = died[-2000:]
     if not target.alive():
         pytest.fail(f"daemon {spec.name} is not answering (it died in an earlier case):\n{target.logs()}")
     _apply_known_deviations(request, target.implementation)
@@ -164,10 +186,16 @@ def client(request: pytest.FixtureRequest):
     spec: ClientSpec | None = request.param
     if spec is None:
         pytest.skip("testing a daemon only: client-role cases do not apply")
-    implementation = "docker CLI 20.10" if spec.command.startswith("/usr/bin/docker") else spec.name
-    _apply_known_deviations(request, implementation)
+    identity = _identified_clients.get(spec)
+    if identity is None:
+        identity = _identified_clients[spec] = identify_client(spec)
+    _apply_known_deviations(request, identity.implementation)
     request.node.user_properties.append(("client", spec.name))
-    return ClientTarget(spec, implementation)
+    return ClientTarget(spec, identity.implementation, identity)
+
+
+# One probe run per client and process: its identity does not change during the run.
+_identified_clients: dict[ClientSpec, object] = {}
 
 
 @pytest.fixture
@@ -182,6 +210,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if daemon_param is not None and getattr(daemon_param, "url", None):
                 item.add_marker(pytest.mark.skip(
                     reason="destructive against an external daemon: pass --allow-destructive for a disposable one"))
+            elif daemon_param is not None and getattr(daemon_param, "peer", None):
+                # A private peer runs on this host as root: a daemon that follows a bare ".." writes anywhere.
+                item.add_marker(pytest.mark.skip(
+                    reason="destructive against a real daemon on this host: run it in Docker in Docker "
+                           "(tox -e interop) or pass --allow-destructive"))
 
 
 # -- outcomes and reports ------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""Real peers for interop tests: private dockerd 20.10 instances and the docker CLI 20.10.
+"""Real peers for interop tests: private dockerd instances (20.10 or 26.1) and the docker CLIs.
 
 Library code only; pytest is imported lazily (``require_docker``) so that non-test tools can use it.
+Where the programs are installed is ``conformance.peers``'s business (a prefix the project owns).
 
 Every ``PrivateDockerd`` lives in its own short directory under /tmp and shares nothing with the host's
 docker set-up: its own socket, data root, exec root (hence its own managed containerd), config file,
@@ -26,16 +27,18 @@ import tempfile
 import time
 from pathlib import Path
 
-# Absolute paths on purpose: /usr/local/bin/docker (first on PATH here) is a Docker 28 client.
-DOCKER_CLI = "/usr/bin/docker"
-DOCKERD = "/usr/sbin/dockerd"
+from . import peers
+
+DEFAULT_DAEMON = "dockerd-20.10"
+DEFAULT_CLIENT = "docker-cli-20.10"
+# Absolute paths into the peers prefix, never a PATH lookup: /usr/local/bin/docker may be any client.
+DOCKER_CLI = peers.binary(DEFAULT_CLIENT)
+DOCKERD = peers.binary(DEFAULT_DAEMON)
 # From Debian's busybox-static (installed as /bin/busybox; /bin is /usr/bin on merged-/usr systems).
 BUSYBOX_STATIC = "/bin/busybox"
 
 SHELL_IMAGE_TAG = "session-test/busybox:latest"
 
-# dockerd must find the Debian containerd/runc/docker-init, never anything in /usr/local.
-_DAEMON_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 # sun_path is 108 bytes including the terminating NUL.
 _MAX_UNIX_SOCKET_PATH = 107
 # Client-side variables that would point the CLI elsewhere or change its behaviour.
@@ -59,13 +62,14 @@ class DockerdStartError(RuntimeError):
     """The private daemon exited or never answered /_ping."""
 
 
-def no_docker_reason() -> str | None:
-    """Why real-peer tests cannot run here, or None when they can."""
+def no_docker_reason(*names: str) -> str | None:
+    """Why real-peer tests with these peers (default: dockerd and CLI 20.10) cannot run here, or None."""
     if not os.uname().sysname == "Linux":
         return "real peers need Linux"
-    for path, what in ((DOCKERD, "dockerd 20.10"), (DOCKER_CLI, "docker CLI 20.10")):
-        if not os.access(path, os.X_OK):
-            return f"{what} not found at {path} (run .ci/install-system-deps)"
+    for name in names or (DEFAULT_DAEMON, DEFAULT_CLIENT):
+        reason = peers.missing_reason(name)
+        if reason:
+            return reason
     if os.geteuid() != 0:
         return "a private dockerd needs root (rootless dockerd is not supported by these tests)"
     return None
@@ -75,9 +79,9 @@ def running_in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
-def require_docker() -> None:
-    """Skip (developer machine) or fail (CI) the calling test when real peers are unavailable."""
-    reason = no_docker_reason()
+def require_docker(*names: str) -> None:
+    """Skip (developer machine) or fail (CI) the calling test when these real peers are unavailable."""
+    reason = no_docker_reason(*names)
     if reason is None:
         return
     import pytest
@@ -304,13 +308,15 @@ def _terminate(pid: int, timeout: float) -> None:
 
 
 class PrivateDockerd:
-    """A disposable dockerd 20.10 with BuildKit, isolated in a short temporary directory.
+    """A disposable dockerd (20.10 by default, or any daemon peer) with BuildKit, isolated in a short
+    temporary directory.
 
     Use as a context manager, or call start()/stop().
     """
 
     def __init__(
         self,
+        peer: str = DEFAULT_DAEMON,
         *,
         extra_args: tuple[str, ...] | list[str] = (),
         daemon_config: dict | None = None,
@@ -318,6 +324,9 @@ class PrivateDockerd:
         stop_timeout: float = 20.0,
         debug: bool = False,
     ):
+        if peers.program(peer).kind != "daemon":
+            raise ValueError(f"{peer} is not a daemon")
+        self.peer = peer
         self.extra_args = list(extra_args)
         # features.buildkit makes /_ping advertise "Builder-Version: 2"; without it the key is absent.
         self.daemon_config = {"features": {"buildkit": True}} if daemon_config is None else daemon_config
@@ -366,7 +375,7 @@ class PrivateDockerd:
         assert self.dir is not None
         d = self.dir
         args = [
-            DOCKERD,
+            peers.binary(self.peer),
             "--experimental",
             "-H", self.host,
             "--data-root", str(d / "root"),
@@ -387,7 +396,7 @@ class PrivateDockerd:
         return args + self.extra_args
 
     def start(self) -> "PrivateDockerd":
-        reason = no_docker_reason()
+        reason = no_docker_reason(self.peer)
         if reason is not None:
             raise DockerdStartError(reason)
         assert self.process is None, "already started"
@@ -410,7 +419,7 @@ class PrivateDockerd:
         (self.dir / "daemon.json").write_text(json.dumps(config))
         (self.dir / "cli-config").mkdir()
         env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
-        env["PATH"] = _DAEMON_PATH
+        env["PATH"] = peers.daemon_search_path(self.peer)
         started = time.monotonic()
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
@@ -431,7 +440,7 @@ class PrivateDockerd:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise DockerdStartError(
-                    f"dockerd exited with status {self.process.returncode} before answering /_ping; "
+                    f"{self.peer} exited with status {self.process.returncode} before answering /_ping; "
                     f"last log lines:\n{self.log_tail()}"
                 )
             try:
@@ -465,24 +474,24 @@ class PrivateDockerd:
         self.process = None
 
     # -- client side ---------------------------------------------------------------------------
-    def env(self) -> dict[str, str]:
-        """Environment for /usr/bin/docker (or any client) aimed at this daemon only."""
+    def env(self, client: str = DEFAULT_CLIENT) -> dict[str, str]:
+        """Environment for a docker CLI peer (or any client) aimed at this daemon only."""
         assert self.dir is not None, "daemon not started"
         env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_CLIENT_VARS}
         env["DOCKER_HOST"] = self.host
-        env["DOCKER_BUILDKIT"] = "1"
-        env["DOCKER_CONFIG"] = str(self.dir / "cli-config")
+        env.update(peers.client_env(client, str(self.dir / "cli-config" / client)))
         return env
 
-    def cli(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
-        """Run the 20.10 CLI against this daemon; captures text output unless told otherwise."""
-        kwargs.setdefault("env", self.env())
+    def cli(self, *args: str, client: str = DEFAULT_CLIENT, **kwargs) -> subprocess.CompletedProcess:
+        """Run a docker CLI peer (default 20.10) against this daemon; captures text output unless told
+        otherwise."""
+        kwargs.setdefault("env", self.env(client))
         kwargs.setdefault("timeout", 300)
         if "stdout" not in kwargs and "stderr" not in kwargs:
             kwargs.setdefault("capture_output", True)
         if "input" not in kwargs or isinstance(kwargs.get("input"), str):
             kwargs.setdefault("text", True)
-        return subprocess.run([DOCKER_CLI, *args], **kwargs)
+        return subprocess.run([peers.binary(client), *args], **kwargs)
 
     def ping(self) -> tuple[int, dict[str, str], bytes]:
         return unix_http_get(self.socket_path, "/_ping")

@@ -1,8 +1,10 @@
 """What the suite tests: daemons (it plays the client) and clients (it plays the daemon).
 
-A target is named, knows how to start and stop itself when it is embedded,
-and says which implementation it is, so known deviations of that
-implementation can be marked expected-to-fail by requirement ID.
+A target is named, knows how to start and stop itself when it is embedded
+or a real peer started for the run (``peer:NAME``), and says which
+implementation it is (``conformance.identify``: from what it reports and
+does), so known deviations of that implementation can be marked
+expected-to-fail by requirement ID.
 """
 
 from __future__ import annotations
@@ -20,13 +22,23 @@ from dataclasses import dataclass, field
 
 from reference.dockerhost import api_call
 
+from . import peers
+from .identify import (
+    Identity, family_of, identify_client_from_requests, identify_client_from_version, identify_daemon,
+)
+
+# `--daemon-under-test peer:dockerd-26.1` / `--client-under-test peer:docker-cli-26.1`: a real peer of the
+# catalogue (conformance/peers), started or run by the suite itself.
+PEER_PREFIX = "peer:"
+
 
 @dataclass(frozen=True)
 class DaemonSpec:
     name: str
     url: str | None = None  # external daemon; None = start the reference daemon
-    generation: str = "n+1"
+    generation: str = "n+1"  # "auto": as detected (conformance.identify), else n+1
     transport: str = "h2"
+    peer: str | None = None  # a daemon of the peers catalogue, started privately for the run
 
     @property
     def id(self) -> str:
@@ -37,8 +49,10 @@ class DaemonSpec:
 class ClientSpec:
     name: str
     command: str  # template; "{context}" is replaced by [extra args..., context]
-    generation: str = "n+1"
+    generation: str = "n+1"  # "auto": as detected (conformance.identify), else n+1
     env: tuple[tuple[str, str], ...] = ()
+    peer: str | None = None  # a client of the peers catalogue (its plugins are linked into DOCKER_CONFIG)
+    implementation: str | None = None  # known without a probe (the embedded reference clients)
 
     @property
     def id(self) -> str:
@@ -50,18 +64,35 @@ def reference_client_command(generation: str, transport: str = "h2") -> str:
             f"--generation {generation} --transport {transport} {{context}}")
 
 
-DOCKER_CLI_COMMAND = "/usr/bin/docker build --progress plain {context}"
+def peer_client_spec(name: str, generation: str = "auto") -> ClientSpec:
+    """The ClientSpec of a client peer: its `docker build --progress plain` with its plugins."""
+    peer = peers.program(name)
+    if peer.kind != "client":
+        raise ValueError(f"{name} is not a client peer")
+    return ClientSpec(name, peers.client_command(name, "--progress plain"), generation, peer=name)
 
 
+def peer_daemon_spec(name: str, generation: str = "auto") -> DaemonSpec:
+    if peers.program(name).kind != "daemon":
+        raise ValueError(f"{name} is not a daemon peer")
+    return DaemonSpec(name, generation=generation, peer=name)
+
+
+# One embedded pair per generation; generation n runs on the grpcio transport, so that the independent
+# second gRPC stack is graded by the whole suite too (the transports are orthogonal to the generations).
 def embedded_daemon_specs() -> list[DaemonSpec]:
-    return [DaemonSpec("reference-n", generation="n"), DaemonSpec("reference-n+1", generation="n+1"),
-            DaemonSpec("reference-n+1-grpcio", generation="n+1", transport="grpcio")]
+    return [DaemonSpec("reference-n-1", generation="n-1"),
+            DaemonSpec("reference-n-grpcio", generation="n", transport="grpcio"),
+            DaemonSpec("reference-n+1", generation="n+1")]
 
 
 def embedded_client_specs() -> list[ClientSpec]:
-    return [ClientSpec("reference-n", reference_client_command("n"), "n"),
-            ClientSpec("reference-n+1", reference_client_command("n+1"), "n+1"),
-            ClientSpec("reference-n+1-grpcio", reference_client_command("n+1", "grpcio"), "n+1")]
+    return [ClientSpec("reference-n-1", reference_client_command("n-1"), "n-1",
+                       implementation="reference-client 0.1 (n-1)"),
+            ClientSpec("reference-n-grpcio", reference_client_command("n", "grpcio"), "n",
+                       implementation="reference-client 0.1 (n) via grpcio"),
+            ClientSpec("reference-n+1", reference_client_command("n+1"), "n+1",
+                       implementation="reference-client 0.1 (n+1)")]
 
 
 @dataclass
@@ -72,6 +103,9 @@ class DaemonTarget:
     process: subprocess.Popen | None = None
     root: str | None = None
     log_path: str | None = None
+    identity: Identity | None = None
+    private_peer: object | None = None  # realpeers.PrivateDockerd of a peer:NAME target
+    restarted_after: str | None = None  # the log tail of the private peer that died before this one
 
     @property
     def name(self) -> str:
@@ -79,10 +113,18 @@ class DaemonTarget:
 
     @property
     def generation(self) -> str:
-        return self.spec.generation
+        if self.spec.generation != "auto":
+            return self.spec.generation
+        return (self.identity.generation if self.identity else None) or "n+1"
+
+    @property
+    def family(self) -> str | None:
+        return family_of(self.implementation)
 
     def alive(self) -> bool:
         """Whether the daemon still answers (a destructive case may have killed it)."""
+        if self.private_peer is not None and self.private_peer.process.poll() is not None:
+            return False
         if self.process is not None and self.process.poll() is not None:
             return False
         try:
@@ -92,12 +134,16 @@ class DaemonTarget:
             return False
 
     def logs(self) -> str:
+        if self.private_peer is not None:
+            return self.private_peer.log_tail(120)
         if self.log_path and os.path.exists(self.log_path):
             with open(self.log_path, errors="replace") as fh:
                 return fh.read()[-8000:]
         return ""
 
     def stop(self) -> None:
+        if self.private_peer is not None:
+            self.private_peer.stop()
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -110,19 +156,8 @@ class DaemonTarget:
 
 
 def identify(host: str) -> str:
-    """'dockerd 20.10.24', 'reference-daemon 0.1.0 (n+1)', or what /version says."""
-    try:
-        resp, body = api_call("GET", "/version", host=host)
-        info = json.loads(body)
-    except (OSError, ValueError) as exc:
-        return f"unknown ({exc})"
-    version = info.get("Version", "?")
-    for component in info.get("Components") or []:
-        if component.get("Name") == "reference-daemon":
-            return f"reference-daemon {component.get('Version', version)}"
-    if info.get("Platform", {}).get("Name", "").startswith("Docker Engine") or "GitCommit" in info:
-        return f"dockerd {version}"
-    return f"{info.get('Platform', {}).get('Name', 'daemon')} {version}"
+    """'dockerd 20.10.24', 'reference-daemon 0.1.0 (n+1)', or what the daemon says it is."""
+    return identify_daemon(host).implementation
 
 
 def start_reference_daemon(spec: DaemonSpec, timeout: float = 30.0) -> DaemonTarget:
@@ -141,7 +176,9 @@ def start_reference_daemon(spec: DaemonSpec, timeout: float = 30.0) -> DaemonTar
         if proc.poll() is not None:
             raise RuntimeError(f"reference daemon exited with {proc.returncode}:\n{target.logs()}")
         if os.path.exists(sock) and target.alive():
-            target.implementation = identify(host) + ("" if spec.transport == "h2" else f" via {spec.transport}")
+            target.identity = identify_daemon(host)
+            target.implementation = target.identity.implementation + (
+                "" if spec.transport == "h2" else f" via {spec.transport}")
             return target
         time.sleep(0.05)
     target.stop()
@@ -149,7 +186,17 @@ def start_reference_daemon(spec: DaemonSpec, timeout: float = 30.0) -> DaemonTar
 
 
 def attach_daemon(spec: DaemonSpec) -> DaemonTarget:
-    return DaemonTarget(spec, spec.url, identify(spec.url))
+    identity = identify_daemon(spec.url)
+    return DaemonTarget(spec, spec.url, identity.implementation, identity=identity)
+
+
+def start_peer_daemon(spec: DaemonSpec) -> DaemonTarget:
+    """A private daemon of the peers catalogue, for this run only."""
+    from .realpeers import PrivateDockerd
+
+    private = PrivateDockerd(spec.peer).start()
+    identity = identify_daemon(private.host)
+    return DaemonTarget(spec, private.host, identity.implementation, identity=identity, private_peer=private)
 
 
 @dataclass
@@ -169,6 +216,7 @@ class ClientRun:
 class ClientTarget:
     spec: ClientSpec
     implementation: str
+    identity: Identity | None = None
 
     @property
     def name(self) -> str:
@@ -176,7 +224,13 @@ class ClientTarget:
 
     @property
     def generation(self) -> str:
-        return self.spec.generation
+        if self.spec.generation != "auto":
+            return self.spec.generation
+        return (self.identity.generation if self.identity else None) or "n+1"
+
+    @property
+    def family(self) -> str | None:
+        return family_of(self.implementation)
 
     def argv(self, context: str, extra_args: list[str] = ()) -> list[str]:
         out = []
@@ -193,9 +247,12 @@ class ClientTarget:
         full_env = dict(os.environ)
         full_env.update(dict(self.spec.env))
         full_env.update({"DOCKER_HOST": docker_host, "DOCKER_BUILDKIT": "1"})
+        own_config = None
         if "DOCKER_CONFIG" not in (env or {}):
-            full_env["DOCKER_CONFIG"] = tempfile.mkdtemp(prefix="conf-cfg-")
+            own_config = full_env["DOCKER_CONFIG"] = tempfile.mkdtemp(prefix="conf-cfg-")
         full_env.update(env or {})
+        if self.spec.peer:
+            full_env.update(peers.client_env(self.spec.peer, full_env["DOCKER_CONFIG"]))
         argv = self.argv(context, list(extra_args))
         started = time.monotonic()
         try:
@@ -207,3 +264,33 @@ class ClientTarget:
 
             return ClientRun(-9, text(exc.stdout), text(exc.stderr) + f"\n<timed out after {timeout} s>",
                              time.monotonic() - started, argv)
+        finally:
+            if own_config:
+                shutil.rmtree(own_config, ignore_errors=True)
+
+
+def identify_client(spec: ClientSpec, timeout: float = 30.0) -> Identity:
+    """Run the client once against a recording daemon that answers every build at once, and name it
+    from its requests (conformance.identify)."""
+    if spec.implementation:
+        return Identity(spec.implementation, family_of(spec.implementation),
+                        spec.generation if spec.generation != "auto" else None, ["embedded target"])
+    if spec.peer:
+        report = peers.version(spec.peer)
+        if report is None:
+            raise RuntimeError(peers.missing_reason(spec.peer) or f"{spec.peer} does not report its version")
+        return identify_client_from_version(report, peers.VINTAGES[peers.program(spec.peer).vintage].generation)
+    from .harness.instrumented_daemon import InstrumentedDaemon
+
+    context = tempfile.mkdtemp(prefix="conf-id-")
+    try:
+        with open(os.path.join(context, "Dockerfile"), "w") as fh:
+            fh.write("FROM scratch\n")
+        with InstrumentedDaemon() as daemon:
+            run = ClientTarget(spec, spec.name).run(context, daemon.host, timeout=timeout)
+            identity = identify_client_from_requests(list(daemon.request_log))
+    finally:
+        shutil.rmtree(context, ignore_errors=True)
+    last = (run.stderr.strip().splitlines() or [""])[-1][:200]
+    identity.evidence.append(f"probe build exited {run.returncode}" + (f": {last}" if run.returncode and last else ""))
+    return identity

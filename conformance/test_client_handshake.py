@@ -47,7 +47,7 @@ def _serving(outcome: CallOutcome) -> bool:
 
 
 def tar_fetch(session, dir_name: str | None = None, *, timeout: float = 30.0, metadata=()) -> CallOutcome:
-    """Read a whole TarStream call (generation n)."""
+    """Read a whole TarStream call (generation n-1)."""
     md = ([] if dir_name is None else [("dir-name", dir_name)]) + list(metadata)
     stream = session.conn.open_stream(TARSTREAM, md)
     stream.close_send()
@@ -56,7 +56,7 @@ def tar_fetch(session, dir_name: str | None = None, *, timeout: float = 30.0, me
 
 def fetch_something(session, generation: str):
     """What a daemon of the client's generation does first: pull the Dockerfile."""
-    if generation == "n":
+    if generation == "n-1":
         return tar_fetch(session)
     return fetch(session, "dockerfile", followpaths=["Dockerfile", "Dockerfile.dockerignore", "dockerfile"])
 
@@ -92,7 +92,7 @@ def test_session_request_and_server_role(client):
                 probes[method] = CallOutcome(code=StatusCode.OK) if not seen["fetch"].__dict__.get("error") \
                     else CallOutcome(code=StatusCode.UNKNOWN, details=str(seen["fetch"].error))
             elif key == TARSTREAM.lower():
-                probes[method] = tar_fetch(session, None if client.generation == "n" else "context")
+                probes[method] = tar_fetch(session, None if client.generation == "n-1" else "context")
             elif key == AUTH_CREDENTIALS.lower():
                 probes[method] = unary(session, method, auth_pb2.CredentialsRequest(Host="conformance.invalid")
                                        .SerializeToString())
@@ -113,7 +113,7 @@ def test_session_request_and_server_role(client):
 
     ctx = make_context({"a.txt": "a"})
     daemon, run = run_client(client, ctx, scenario)
-    expect("BUILD-1" if client.generation == "n+1" else "BUILD-7", len(daemon.builds) == 1,
+    expect("BUILD-1" if client.generation != "n-1" else "BUILD-7", len(daemon.builds) == 1,
            "one POST /build", daemon.requests, [run.output])
     build = daemon.builds[0]
     session_posts = [t for m, t in daemon.requests if t.split("?")[0].endswith("/session")]
@@ -144,14 +144,14 @@ def test_session_request_and_server_role(client):
     expect("METHODS-1", methods and not bad, "one full /package.Service/Method per header line", methods)
     lower = {m.lower() for m in methods}
     expect("METHODS-2", HEALTH.lower() in lower, "Health/Check advertised", methods)
-    needed = TARSTREAM if client.generation == "n" else DIFFCOPY
+    needed = TARSTREAM if client.generation == "n-1" else DIFFCOPY
     expect("METHODS-2", needed.lower() in lower, f"{needed} advertised by a generation {client.generation} client",
            methods)
     expect("HEALTH-1", _serving(seen["health"]), "Health/Check answers SERVING", seen["health"].describe())
     unimplemented = {m: o.describe() for m, o in seen["probes"].items() if o.code == StatusCode.UNIMPLEMENTED}
     expect("METHODS-2", not unimplemented, "no advertised method answers UNIMPLEMENTED", unimplemented,
            [f"{m}: {o.describe()}" for m, o in seen["probes"].items()])
-    expect("BUILD-1" if client.generation == "n+1" else "BUILD-7", run.returncode == 0, "the build succeeds",
+    expect("BUILD-1" if client.generation != "n-1" else "BUILD-7", run.returncode == 0, "the build succeeds",
            run.output)
 
 
@@ -252,7 +252,7 @@ def test_unknown_methods_and_failing_calls_leave_the_session_usable(client):
         seen["unknown"] = unary(session, "/moby.conformance.v1.Nothing/Here", b"\x0a\x01x")
         seen["unknown-health"] = unary(session, "/grpc.health.v1.Health/Nope", HEALTH_REQUEST)
         seen["health-1"] = _health(session)
-        if client.generation == "n+1":
+        if client.generation != "n-1":
             stream = open_diffcopy(session, "no-such-dir-conformance")
             seen["bad-dir"] = finish(stream, CallOutcome(), 10.0, packets=True)
             stream = open_diffcopy(session, None)
@@ -272,7 +272,7 @@ def test_unknown_methods_and_failing_calls_leave_the_session_usable(client):
     expect("ERROR-1", bad.code not in (None, StatusCode.OK) and bad.details,
            "a failing handler ends its call with a non-OK status and a message", bad.describe(), bad.transcript)
     expect("ROLE-3", "no grpc-status" not in bad.details, "the failed call carries grpc-status", bad.details)
-    if client.generation == "n+1":
+    if client.generation != "n-1":
         expect("META-2", bad.code == StatusCode.NOT_FOUND and not bad.messages,
                "NOT_FOUND before any packet for an unknown dir-name", bad.describe(), bad.transcript)
         nodir = seen["no-dir"]
@@ -380,16 +380,16 @@ def test_health_and_parallel_transfers_while_a_large_transfer_is_blocked(client,
         seen["tar"] = outcome
         return ScenarioResult()
 
-    scenario = scenario_n if client.generation == "n" else scenario_n_plus_1
+    scenario = scenario_n if client.generation == "n-1" else scenario_n_plus_1
     daemon, run = run_client(client, big_context, scenario, timeout=120)
     for label, seconds, o in seen["health"]:
         expect("HEALTH-1", _serving(o), f"SERVING {label}", o.describe(), [run.output])
         expect("HEALTH-2", seconds < 10.0, f"Health/Check answered within 10 s {label}", f"{seconds:.2f} s")
-    expect("HEALTH-2", len(seen["health"]) == (2 if client.generation == "n" else 3), "every health check ran",
+    expect("HEALTH-2", len(seen["health"]) == (2 if client.generation == "n-1" else 3), "every health check ran",
            [h[0] for h in seen["health"]], [f"exit {run.returncode}", run.output[-3000:], *daemon.errors])
-    if client.generation == "n":
+    if client.generation == "n-1":
         expect("ROLE-5", seen["tar"].ok, "the blocked TarStream completes once read again", seen["tar"].describe())
-        return  # concurrent DiffCopy streams are generation n+1; health under a blocked TarStream was checked
+        return  # concurrent DiffCopy streams are generation n and later; health under a blocked TarStream was checked
     transcript = seen.get("transcript", [])
     for key, result in sorted(seen["parallel"].items()):
         expect("ROLE-5", result.error is None and result.status == "complete",
@@ -419,7 +419,7 @@ def test_build_request_and_served_directories(client, tmp_path):
 
     def scenario(build):
         session = build.session
-        if client.generation == "n":
+        if client.generation == "n-1":
             seen["tar"] = tar_fetch(session)
             return ScenarioResult()
         name = (build.query.get("dockerfile") or [""])[0]
@@ -430,7 +430,7 @@ def test_build_request_and_served_directories(client, tmp_path):
     daemon, run = run_client(client, ctx, scenario, extra_args=["-f", str(dockerfile)])
     build = daemon.builds[0]
     q = {k: v[0] for k, v in build.query.items()}
-    if client.generation == "n":
+    if client.generation == "n-1":
         expect("BUILD-7", q.get("remote") == "client-session" and q.get("session") and q.get("version") != "2",
                "/build?remote=client-session&session=ID for the legacy builder", build.target)
         expect("BUILD-7", build.body == dockerfile.read_bytes(), "the Dockerfile as the request body",
@@ -457,8 +457,8 @@ def test_build_request_and_served_directories(client, tmp_path):
 
 @requirement("BUILD-6")
 def test_error_detail_fails_the_build(client):
-    if client.generation == "n":
-        pytest.skip("BUILD-6 is a generation n+1 rule; this client is generation n")
+    if client.generation == "n-1":
+        pytest.skip("BUILD-6 is a rule of generation n and later; this client is generation n-1")
     text = "conformance step failed (code 5521)"
     result = ScenarioResult(image_id=None, error=text, trace=[vertex_error_trace(text)])
     daemon, run = run_client(client, make_context({"a": "a"}), lambda build: result)
@@ -470,8 +470,8 @@ def test_error_detail_fails_the_build(client):
 @requirement("TIMEOUT-5")
 def test_vertex_error_without_end_of_response(client, request):
     """dockerd 20.10 can report a failed step and never end /build (FILESEND-2)."""
-    if client.generation == "n":
-        pytest.skip("TIMEOUT-5 is a generation n+1 rule; this client is generation n")
+    if client.generation == "n-1":
+        pytest.skip("TIMEOUT-5 is a rule of generation n and later; this client is generation n-1")
     if request.config.getoption("conformance_profile") == "fast" and not request.config.getoption("client_under_test"):
         pytest.skip("waits for the client's grace period (20 s for the reference client): "
                     "runs with --conformance-profile thorough or --client-under-test")

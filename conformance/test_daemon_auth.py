@@ -91,7 +91,7 @@ class _Replay(RpcStream):
 
 def _build(daemon, registry, auth: RecordingAuth):
     ctx = make_context({"x": "from the context\n"}, dockerfile=f"FROM {registry.pushed.reference}\nCOPY x /x\n")
-    filesync = ("diffcopy",) if daemon.generation == "n+1" else ("tarstream",)
+    filesync = ("diffcopy",) if daemon.generation != "n-1" else ("tarstream",)
     obs = run_build(daemon.host, ctx, handler_overrides=auth.handlers(), query={"nocache": "1"},
                     filesync=filesync, timeout=90, hang_timeout=15)
     if not obs.ok and obs.error and any(t in obs.error for t in ("connection refused", "no route to host",
@@ -102,8 +102,8 @@ def _build(daemon, registry, auth: RecordingAuth):
 
 
 def _n_plus_1(daemon):
-    if daemon.generation != "n+1":
-        pytest.skip("the token authority is generation n+1; this daemon is generation n")
+    if daemon.generation == "n-1":
+        pytest.skip("the token authority is generation n and later; this daemon is generation n-1")
 
 
 @requirement("AUTH-V2-1", "AUTH-V2-3")
@@ -176,7 +176,7 @@ def test_reuse_across_sessions_verifies_the_authority(daemon, token_registry):
 
 @requirement("AUTH-V1-3")
 def test_basic_challenge_asks_for_credentials(daemon, basic_registry):
-    auth = RecordingAuth(basic_registry.host, authority=daemon.generation == "n+1")
+    auth = RecordingAuth(basic_registry.host, authority=daemon.generation != "n-1")
     obs = _build(daemon, basic_registry, auth)
     names = auth.names()
     expect("AUTH-V1-3", obs.ok and "Credentials" in names and "FetchToken" not in names,

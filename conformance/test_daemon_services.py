@@ -24,8 +24,8 @@ requirement = pytest.mark.requirement
 
 
 def needs_n_plus_1(daemon) -> None:
-    if daemon.generation != "n+1":
-        pytest.skip("secrets are generation n+1; the target is generation n")
+    if daemon.generation == "n-1":
+        pytest.skip("secrets are generation n and later; the target is generation n-1")
 
 
 SHELL_TAG = "conf-daemon-busybox:latest"

@@ -1,6 +1,6 @@
-"""Daemon role, generation n: the 2017 build (Dockerfile in the body) with a TarStream context.
+"""Daemon role, generation n-1: the 2017 build (Dockerfile in the body) with a TarStream context.
 
-The suite plays a generation n client: it serves `FileSync/TarStream` and
+The suite plays a generation n-1 client: it serves `FileSync/TarStream` and
 sends `POST /build?remote=client-session&session=ID` with the Dockerfile as body.
 """
 
@@ -71,8 +71,8 @@ def _build(daemon, handler):
 
 
 def needs_n(daemon) -> None:
-    if daemon.generation != "n":
-        pytest.skip("TarStream contexts with the Dockerfile in the body are generation n")
+    if daemon.generation != "n-1":
+        pytest.skip("TarStream contexts with the Dockerfile in the body are generation n-1")
 
 
 @requirement("TARSTREAM-3")

@@ -17,9 +17,10 @@ from .outcomes import unsupported
 from .targets import DaemonSpec, identify, start_reference_daemon
 from .trees import diff_snapshots, snapshot, write_file
 
+from .realpeers import DOCKER_CLI  # the CLI 20.10 peer, by absolute path
+
 requirement = pytest.mark.requirement
 
-DOCKER_CLI = "/usr/bin/docker"
 # A fixed time for every context file, so a difference in exported times is the daemons' doing.
 _CONTEXT_MTIME_NS = 1_600_000_000_123_456_789
 

@@ -22,9 +22,9 @@ _NUMBER_SUFFIX = re.compile(r"-\d+$")
 
 # Names the embedded targets and clients have in results.json -> rows of the matrix.
 _EMBEDDED_NAMES = {
-    "reference-n": "our {role} n",
+    "reference-n-1": "our {role} n-1",
+    "reference-n-grpcio": "our {role} n (grpcio)",
     "reference-n+1": "our {role} n+1",
-    "reference-n+1-grpcio": "our {role} n+1 (grpcio)",
 }
 
 

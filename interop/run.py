@@ -6,7 +6,7 @@ Runs (each a separate pytest process writing DIR/{results.json,summary.md,junit.
 
   dind-<tag>          daemon role against dockerd 20.10 in Docker in Docker, one per image
                       (pytest conformance --daemon-under-test unix:///tmp/dsc-dind-.../docker.sock)
-  docker-cli-20.10    client role with the real CLI (--client-under-test '/usr/bin/docker build --progress plain {context}')
+  docker-cli-20.10    client role with the real CLI (--client-under-test peer:docker-cli-20.10)
   embedded            the embedded reference pairs (plain pytest conformance)
   differential-<tag>  one docker CLI command into our reference daemon and into the dind daemon: identical
                       local exports (conformance/test_differential.py, -p conformance.differential)
@@ -32,7 +32,8 @@ import time
 from dataclasses import dataclass, field
 
 from conformance import dind, realpeers
-from conformance.targets import DOCKER_CLI_COMMAND, identify
+from conformance import peers
+from conformance.targets import PEER_PREFIX, identify
 
 from . import matrix as matrix_module
 
@@ -154,8 +155,8 @@ def plan_runs(dind_daemons: list[tuple[dind.ResolvedImage, dind.DindDaemon]], re
         runs.append(Run(f"dind-{resolved.tag}", "daemon", f"{identify(daemon.url)} (dind {resolved.tag})",
                         ["conformance", "--daemon-under-test", daemon.url], details=details))
     if with_cli:
-        runs.append(Run("docker-cli-20.10", "client", "docker CLI 20.10",
-                        ["conformance", "--client-under-test", DOCKER_CLI_COMMAND]))
+        runs.append(Run("docker-cli-20.10", "client", f"docker CLI 20.10 ({peers.version('docker-cli-20.10')})",
+                        ["conformance", "--client-under-test", PEER_PREFIX + "docker-cli-20.10"]))
     for resolved, daemon in dind_daemons:
         runs.append(Run(f"differential-{resolved.tag}", "differential",
                         f"differential: our daemon n+1 vs dind {resolved.tag}",
@@ -189,9 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(args.report_root, ignore_errors=True)  # a stale run must not reach the matrix
     os.makedirs(args.report_root)
 
-    with_cli = os.access(realpeers.DOCKER_CLI, os.X_OK)
+    missing_cli = peers.missing_reason("docker-cli-20.10")
+    with_cli = missing_cli is None
     if not with_cli:
-        message = f"{realpeers.DOCKER_CLI} (docker CLI 20.10) missing: client-role interop run skipped"
+        message = f"client-role interop run skipped: {missing_cli}"
         (setup_problems.append if in_ci else _log)(message)
 
     with contextlib.ExitStack() as stack:

@@ -1,4 +1,4 @@
-"""The legacy ``TarStream`` file sync (generation "n", moby 17.07) as sans-IO pieces.
+"""The legacy ``TarStream`` file sync (generation "n-1", moby 17.07) as sans-IO pieces.
 
 The sender streams an uncompressed tar of the tree (excludes already applied
 by the walk) in 32 KiB ``BytesMessage`` payloads and ends the call; the

@@ -24,7 +24,7 @@ def dockerd():
 
 @pytest.fixture(scope="session")
 def docker_cli(dockerd):
-    """Runs /usr/bin/docker (CLI 20.10) against the session daemon: docker_cli("build", ...)."""
+    """Runs the docker CLI 20.10 peer against the session daemon: docker_cli("build", ...)."""
     return dockerd.cli
 
 

@@ -1,7 +1,7 @@
 """The reference daemon (``python -m reference.daemon``) against real and scripted peers.
 
 Each daemon runs as a subprocess on a unix socket; builds come from the docker
-CLI 20.10 (``/usr/bin/docker``, DOCKER_BUILDKIT=1), from our reference client
+CLI 20.10 (the ``docker-cli-20.10`` peer, DOCKER_BUILDKIT=1), from our reference client
 (generations n and n+1), or from scripted sessions that misbehave on purpose.
 What the daemon did is read from its ``GET /_reference/stats`` endpoint.
 """
@@ -31,7 +31,8 @@ from reference.session import SessionRequest, build_node_id, new_session_id, ope
 from reference.transport.base import RpcError
 from reference.transport.h2grpc import serve_h2
 
-DOCKER_CLI = "/usr/bin/docker"  # CLI 20.10; /usr/local/bin/docker is Docker 28
+from conformance.realpeers import DOCKER_CLI  # the CLI 20.10 peer, by absolute path
+
 HEALTH = "/grpc.health.v1.Health/Check"
 DIFFCOPY = "/moby.filesync.v1.FileSync/DiffCopy"
 TARSTREAM = "/moby.filesync.v1.FileSync/TarStream"

@@ -1,9 +1,9 @@
-"""Docker in Docker (conformance/dind.py): a dockerd 20.10 in a container answers on the published socket.
+"""Docker in Docker (conformance/dind.py): dockerd 20.10 and 26.1 in a container answer on the published socket.
 
-Needs a host Docker daemon: DOCKER_HOST or /var/run/docker.sock, or, as root with the Debian docker.io
-binaries, a private one that dind.host_daemon() starts. Skipped when there is none, except on CI (CI set),
-where that is a failure. The image is SESSION_DIND_IMAGE (default docker:20.10-dind); offline, the
-locally built session-conformance/dind:local replaces it.
+Needs a host Docker daemon: DOCKER_HOST or /var/run/docker.sock, or, as root with the installed peers, a
+private one that dind.host_daemon() starts. Skipped when there is none, except on CI (CI set), where that is
+a failure. The images are SESSION_DIND_IMAGE (default docker:20.10-dind,docker:26.1-dind); offline, the
+locally built session-conformance/dind:<vintage>-local replaces each.
 """
 
 import json
@@ -29,10 +29,11 @@ def host_url():
         pytest.skip(str(exc))
 
 
-@pytest.fixture(scope="module")
-def dind_daemon(host_url):
-    resolved = dind.resolve_image(host_url, dind.parse_images(None)[0], log=lambda message: None)
+@pytest.fixture(scope="module", params=dind.parse_images(None))
+def dind_daemon(request, host_url):
+    resolved = dind.resolve_image(host_url, request.param, log=lambda message: None)
     with dind.DindDaemon(resolved.image, host_url) as daemon:
+        daemon.requested = request.param
         yield daemon
 
 
@@ -46,7 +47,8 @@ def test_dind_daemon_answers_ping_on_the_published_socket(dind_daemon):
     assert status == 200
     info = json.loads(body)
     assert info["Containers"] == 0 and info["Images"] == 0, "a fresh daemon with an empty data root"
-    assert info["ServerVersion"].startswith("20.10")
+    vintage = dind.vintage_of(dind_daemon.requested)
+    assert vintage is None or info["ServerVersion"].startswith(vintage + "."), info["ServerVersion"]
 
 
 def test_a_run_step_works_inside_dind(dind_daemon):

@@ -53,8 +53,9 @@ def daemon_traces(directory: str) -> tuple[list[int], list[str]]:
 # -- skip/fail policy (no daemon needed) -----------------------------------------------------------
 
 def test_missing_docker_skips_on_a_workstation_and_fails_on_ci(monkeypatch):
-    monkeypatch.setattr(realpeers, "DOCKERD", "/nonexistent/dockerd")
-    assert "dockerd" in realpeers.no_docker_reason()
+    monkeypatch.setenv("SESSION_PEERS_PREFIX", "/nonexistent/peers")
+    reason = realpeers.no_docker_reason()
+    assert "dockerd-20.10 is not installed" in reason and "conformance.peers install" in reason, reason
     monkeypatch.delenv("CI", raising=False)
     with pytest.raises(pytest.skip.Exception):
         realpeers.require_docker()

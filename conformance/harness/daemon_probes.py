@@ -465,7 +465,7 @@ def start_private_reference_daemon(generation: str = "n+1", transport: str = "h2
     import sys
     import tempfile
 
-    from ..targets import DaemonSpec, DaemonTarget, identify
+    from ..targets import DaemonSpec, DaemonTarget, identify_daemon
 
     root = tempfile.mkdtemp(prefix="conf-dp-", dir="/tmp")
     sock = os.path.join(root, "d.sock")
@@ -482,7 +482,8 @@ def start_private_reference_daemon(generation: str = "n+1", transport: str = "h2
         if proc.poll() is not None:
             raise RuntimeError(f"reference daemon exited with {proc.returncode}:\n{target.logs()}")
         if os.path.exists(sock) and target.alive():
-            target.implementation = identify(target.host)
+            target.identity = identify_daemon(target.host)
+            target.implementation = target.identity.implementation
             return target
         time.sleep(0.05)
     target.stop()

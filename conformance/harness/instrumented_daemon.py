@@ -82,6 +82,7 @@ class InstrumentedDaemon:
         self.sessions: dict[str, SessionRecord] = {}
         self.builds: list[BuildRecord] = []
         self.requests: list[tuple[str, str]] = []  # (method, target)
+        self.request_log: list[tuple[str, str, str]] = []  # (method, path, User-Agent): who the client is
         self.errors: list[str] = []
         self._cond = threading.Condition()
         self._listener: socket.socket | None = None
@@ -149,6 +150,7 @@ class InstrumentedDaemon:
                 if len(parts) > 2 and parts[1].startswith("v") and parts[1][1:2].isdigit():
                     path = "/" + "/".join(parts[2:])
                 headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in request.headers]
+                self.request_log.append((method, urlsplit(target).path, dict(headers).get("user-agent", "")))
                 if path == "/session" and method == "POST":
                     hijacked = self._session(sock, conn, headers)
                     return

@@ -43,9 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--no-cache", action="store_true")
     b.add_argument("--pull", action="store_true")
     b.add_argument("--progress", choices=["auto", "plain", "quiet"], default="auto")
-    b.add_argument("--generation", choices=["n", "n+1"], default="n+1")
+    b.add_argument("--generation", choices=["n-1", "n", "n+1"], default="n+1",
+                   help="n: as the docker CLI 20.10; n+1: as the docker CLI 26 with buildx 0.13; "
+                        "n-1: the 2017 design (TarStream, Dockerfile in the request body)")
     b.add_argument("--filesync", help="comma-separated: diffcopy,tarstream (default by generation)")
-    b.add_argument("--auth", choices=["v1", "v2"], help="default by generation: n=v1, n+1=v2")
+    b.add_argument("--auth", choices=["v1", "v2"], help="default by generation: n-1=v1, n and n+1=v2")
     b.add_argument("--transport", choices=["h2", "grpcio"], default="h2")
     b.add_argument("--stats-json", metavar="FILE")
     b.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")

@@ -1,6 +1,6 @@
 """The client's Auth service: registry credentials (v1) and the token authority (v2).
 
-Generation n serves only ``Credentials``.  Generation n+1 also serves
+Generation n-1 serves only ``Credentials``.  Generations n and n+1 also serve
 ``GetTokenAuthority`` (an ed25519 key per host, derived like the docker CLI
 from a stored seed, the daemon's salt and the credentials), ``FetchToken``
 (the client talks to the token realm itself) and ``VerifyTokenAuthority``.

@@ -33,8 +33,10 @@ if TYPE_CHECKING:
 # the build, see build().
 
 GENERATIONS = {
-    # generation: (file sync protocols, token authority)
-    "n": (("tarstream",), False),  # and the 2017 request: Dockerfile as the /build body
+    # generation: (file sync protocols advertised, token authority). n is the docker CLI 20.10, n+1 the
+    # docker CLI 26 with buildx 0.13; both advertise TarStream and refuse it (conformance/SPEC.md).
+    "n-1": (("tarstream",), False),  # and the 2017 request: Dockerfile as the /build body
+    "n": (("diffcopy", "tarstream"), True),
     "n+1": (("diffcopy", "tarstream"), True),
 }
 
@@ -124,8 +126,8 @@ def build(
     if not os.path.isdir(context_dir):
         raise SessionError(f"context {context!r} is not a directory")
     dockerfile_path = os.path.abspath(dockerfile) if dockerfile else os.path.join(context_dir, "Dockerfile")
-    # Generation n is the 2017 request: the Dockerfile travels as the /build body.
-    legacy_request = generation == "n"
+    # Generation n-1 is the 2017 request: the Dockerfile travels as the /build body.
+    legacy_request = generation == "n-1"
     methods = advertised_methods(filesync, exporting=bool(outputs), secrets=bool(secrets), auth=True,
                                  token_authority=token_authority)
     request = SessionRequest(new_session_id(), os.path.basename(context_dir) or context,

@@ -16,8 +16,9 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Reference daemon for the Docker client-session protocol")
     parser.add_argument("--host", required=True, help="unix:///PATH or tcp://127.0.0.1:PORT")
     parser.add_argument("--root", required=True, help="directory for the context cache and image store")
-    parser.add_argument("--generation", choices=["n", "n+1"], default="n+1",
-                        help="n: tarstream only; n+1: diffcopy, falling back to tarstream")
+    parser.add_argument("--generation", choices=["n-1", "n", "n+1"], default="n+1",
+                        help="n: as dockerd 20.10 (BuildKit 0.8); n+1: as dockerd 26.1 (BuildKit 0.13); "
+                             "n-1: the 2017 design (TarStream, Dockerfile in the request body)")
     parser.add_argument("--transport", choices=["h2", "grpcio"], default="h2")
     parser.add_argument("--stall-timeout", type=float, default=60.0,
                         help="seconds a transfer may go without a message from the client")

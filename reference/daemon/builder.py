@@ -354,7 +354,7 @@ class Builder:
 
         authorizer = registry.SessionAuthorizer(
             lambda method, request: session.conn.unary(method, request, timeout=60.0),
-            registry.daemon_salt(), session_id=session.id, token_authority=self.config.generation == "n+1")
+            registry.daemon_salt(), session_id=session.id, token_authority=self.config.generation != "n-1")
         try:
             config = registry.pull_image(reference, rootfs, authorizer, save_layers_to=workdir)
         except registry.RegistryError as exc:

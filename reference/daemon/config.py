@@ -10,9 +10,12 @@ MIN_API_VERSION = "1.12"
 ENGINE_VERSION = "20.10.24-reference"
 
 GENERATIONS = {
-    # generation: file sync protocols the daemon knows, in order of preference
-    "n": ("tarstream",),
-    "n+1": ("diffcopy", "tarstream"),
+    # generation: file sync protocols the daemon knows, in order of preference.
+    # n-1 models the 2017 design; n is dockerd 20.10 (BuildKit 0.8), n+1 dockerd 26.1 (BuildKit 0.13):
+    # both real ones know diffcopy alone (conformance/SPEC.md, "Protocol generations").
+    "n-1": ("tarstream",),
+    "n": ("diffcopy",),
+    "n+1": ("diffcopy",),
 }
 
 
@@ -41,7 +44,7 @@ class DaemonConfig:
     def __post_init__(self) -> None:
         self.root = os.path.abspath(self.root)
         if self.generation not in GENERATIONS:
-            raise ValueError(f"unknown generation {self.generation!r} (n or n+1)")
+            raise ValueError(f"unknown generation {self.generation!r} (n-1, n or n+1)")
         if self.transport not in ("h2", "grpcio"):
             raise ValueError(f"unknown transport {self.transport!r} (h2 or grpcio)")
 

@@ -2,7 +2,7 @@
 
 DiffCopy: the daemon is the fsutil *receiver* on ``FileSync/DiffCopy`` and
 diffs against the cache entry's tree, so only new or changed regular files
-are requested.  TarStream (the 2017 protocol, generation "n"): the client
+are requested.  TarStream (the 2017 protocol, generation "n-1"): the client
 streams a whole tar; the entry is rebuilt from scratch.
 
 Every receive has a stall timeout, and every incoming path goes through the

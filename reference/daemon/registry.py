@@ -263,7 +263,7 @@ class SessionAuthorizer:
         self.clock = clock
         self.token_timeout = token_timeout
         self.token_fetches = 0  # tokens this authorizer obtained (not served from the cache)
-        # generation n daemons know only Credentials and fetch every token themselves
+        # generation n-1 daemons know only Credentials and fetch every token themselves
         self.token_authority = token_authority
 
     # -- session calls ---------------------------------------------------------------------------
