@@ -177,6 +177,9 @@ def daemon(request: pytest.FixtureRequest, _daemon_pool):
         pytest.fail(f"daemon {spec.name} is not answering (it died in an earlier case):\n{target.logs()}")
     _apply_known_deviations(request, target.implementation)
     request.node.user_properties.append(("target", spec.name))
+    request.node.user_properties.append(("daemon_implementation", target.implementation))
+    if target.identity is not None:
+        request.node.user_properties.append(("daemon_identified_by", "; ".join(target.identity.evidence)))
     yield target
 
 
@@ -191,6 +194,8 @@ def client(request: pytest.FixtureRequest):
         identity = _identified_clients[spec] = identify_client(spec)
     _apply_known_deviations(request, identity.implementation)
     request.node.user_properties.append(("client", spec.name))
+    request.node.user_properties.append(("client_implementation", identity.implementation))
+    request.node.user_properties.append(("client_identified_by", "; ".join(identity.evidence)))
     return ClientTarget(spec, identity.implementation, identity)
 
 
@@ -248,6 +253,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
             "outcome": grade,
             "duration": round(report.duration, 3),
             "targets": {k: v for k, v in item.user_properties if k in ("target", "client")},
+            "implementations": {k.split("_", 1)[0]: v for k, v in item.user_properties
+                                if k in ("daemon_implementation", "client_implementation")},
+            "identified_by": {k.split("_", 1)[0]: v for k, v in item.user_properties
+                              if k in ("daemon_identified_by", "client_identified_by")},
+            "failed_requirement": getattr(exc, "req_id", None),
             "message": _short_message(report),
             "expected": _text(getattr(exc, "expected", None)),
             "actual": _text(getattr(exc, "actual", None)),

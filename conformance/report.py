@@ -43,12 +43,21 @@ def summarise(results: list[dict]) -> dict:
     per_target: dict[str, Counter] = defaultdict(Counter)
     for record in results:
         per_target[_target_of(record)][record["outcome"]] += 1
-    return {"requirements": per_req, "untested": untested, "targets": {k: dict(v) for k, v in per_target.items()}}
+    implementations: dict[str, dict] = {}
+    for record in results:
+        target = _target_of(record)
+        for role, name in (record.get("implementations") or {}).items():
+            entry = implementations.setdefault(target, {})
+            entry[role] = name
+            entry[f"{role} identified by"] = (record.get("identified_by") or {}).get(role, "")
+    return {"requirements": per_req, "untested": untested, "targets": {k: dict(v) for k, v in per_target.items()},
+            "implementations": implementations}
 
 
 def write_reports(report_dir: str, results: list[dict], config) -> None:
     summary = summarise(results)
-    options = {k: config.getoption(k) for k in ("daemon_under_test", "client_under_test", "allow_destructive",
+    options = {k: config.getoption(k) for k in ("daemon_under_test", "client_under_test", "daemon_generation",
+                                               "client_generation", "known_deviations", "allow_destructive",
                                                "conformance_profile")}
     with open(os.path.join(report_dir, "results.json"), "w") as fh:
         json.dump({"options": options, **summary, "tests": results}, fh, indent=2, sort_keys=True)
@@ -58,7 +67,13 @@ def write_reports(report_dir: str, results: list[dict], config) -> None:
 
 def render_markdown(summary: dict, results: list[dict], options: dict) -> str:
     out = ["# Session protocol conformance summary", ""]
-    out.append("Options: " + ", ".join(f"`{k}={v}`" for k, v in options.items() if v) or "embedded reference pairs")
+    out.append("Options: " + (", ".join(f"`{k}={v}`" for k, v in options.items() if v) or "embedded reference pairs"))
+    if summary.get("implementations"):
+        out += ["", "## Identified implementations", ""]
+        for target, entry in sorted(summary["implementations"].items()):
+            for role in ("daemon", "client"):
+                if role in entry:
+                    out.append(f"- `{target}`: {role} **{entry[role]}** (identified by: {entry.get(role + ' identified by') or '?'})")
     out += ["", "## Per target", "", "| target | PASS | FAIL | NON-STRICT | UNSUPPORTED | XFAIL | ERROR | skipped |",
             "|---|---|---|---|---|---|---|---|"]
     for target, counts in sorted(summary["targets"].items()):
