@@ -258,7 +258,7 @@ def test_rule_without_text_is_rejected():
 
 def test_text_after_trailers_is_rejected():
     document = MINIMAL_DOCUMENT + "\nMore text after the Upstream line.\n"
-    with pytest.raises(CatalogueError, match="text after its Upstream/Observed/Known deviations lines"):
+    with pytest.raises(CatalogueError, match="text after its Upstream/Observed/Known deviations/Real peers lines"):
         parse_catalogue(document)
 
 
