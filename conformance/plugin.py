@@ -22,6 +22,7 @@ import pytest
 
 from . import outcomes
 from .identify import family_of
+from .scratch import RunScratch
 from .targets import (
     PEER_PREFIX, ClientSpec, ClientTarget, DaemonSpec, attach_daemon, embedded_client_specs,
     embedded_daemon_specs, identify_client, peer_client_spec, peer_daemon_spec, start_peer_daemon,
@@ -208,7 +209,13 @@ def allow_destructive(request: pytest.FixtureRequest) -> bool:
     return request.config.getoption("allow_destructive")
 
 
+_SCRATCH = RunScratch()
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if any(str(item.path).startswith(_PACKAGE_DIR + os.sep) for item in items):
+        _SCRATCH.open()  # the run's temporary files, removed at pytest_unconfigure
     for item in items:
         if item.get_closest_marker("destructive") and not config.getoption("allow_destructive"):
             daemon_param = getattr(item, "callspec", None) and item.callspec.params.get("daemon")
@@ -308,3 +315,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         from .report import write_reports
 
         write_reports(report_dir, results, config)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _SCRATCH.close()
