@@ -7,6 +7,7 @@ Options (each also as an environment variable):
                                                             peer:NAME runs a real client peer's `docker build`
   --daemon-generation, --client-generation n|n+1|auto       auto (default): as identified, else n+1
   --known-deviations on|off     SESSION_KNOWN_DEVIATIONS    off: grade as if nothing were known of the target
+  --requirement ID[,ID...]      SESSION_REQUIREMENT         only the cases that check these requirements
   --report-dir DIR              SESSION_REPORT_DIR          junit.xml, results.json, summary.md
   --allow-destructive           SESSION_ALLOW_DESTRUCTIVE   run cases that can damage a non-conforming daemon
   --conformance-profile fast|thorough                       hypothesis effort
@@ -47,6 +48,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--client-generation", default=os.environ.get("SESSION_CLIENT_GENERATION", "auto"),
                     choices=["n", "n+1", "auto"],
                     help="protocol generation the client under test claims (auto: as identified, else n+1)")
+    group.addoption("--requirement", default=os.environ.get("SESSION_REQUIREMENT"), metavar="ID[,ID...]",
+                    help="run only the cases that check one of these requirements (conformance/SPEC.md IDs)")
     group.addoption("--known-deviations", default=os.environ.get("SESSION_KNOWN_DEVIATIONS", "on"),
                     choices=["on", "off"],
                     help="on: a failure SPEC.md lists as a known deviation of the identified implementation is "
@@ -209,11 +212,31 @@ def allow_destructive(request: pytest.FixtureRequest) -> bool:
     return request.config.getoption("allow_destructive")
 
 
+def _wanted_requirements(config: pytest.Config) -> set[str] | None:
+    """--requirement IDs, checked against the catalogue (a typo must not silently select nothing)."""
+    raw = config.getoption("requirement")
+    if not raw:
+        return None
+    from .catalogue import load_catalogue
+
+    wanted = {part.strip() for part in raw.split(",") if part.strip()}
+    unknown = sorted(wanted - set(load_catalogue()))
+    if unknown:
+        raise pytest.UsageError(f"--requirement: not in conformance/SPEC.md: {', '.join(unknown)}")
+    return wanted
+
+
 _SCRATCH = RunScratch()
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    wanted = _wanted_requirements(config)
+    if wanted is not None:
+        keep = [item for item in items if wanted & {r for m in item.iter_markers("requirement") for r in m.args}]
+        if len(keep) != len(items):
+            config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+            items[:] = keep
     if any(str(item.path).startswith(_PACKAGE_DIR + os.sep) for item in items):
         _SCRATCH.open()  # the run's temporary files, removed at pytest_unconfigure
     for item in items:

@@ -61,3 +61,12 @@ def test_failure_message_names_requirement_expected_actual(pytester):
     result = pytester.runpytest_subprocess("-k", "test_fail", "-p", "no:cacheprovider")
     result.stdout.fnmatch_lines(["*-> HANDSHAKE-2 (MUST):*", "*Expected: one Uuid header*", "*Actual:   two*",
                                  "*Transcript:*"])
+
+
+def test_requirement_option_selects_the_cases_of_those_ids(pytester):
+    pytester.makepyfile(test_tiny=SUITE)
+    result = pytester.runpytest_subprocess("--requirement", "HANDSHAKE-1,METHODS-1", "-p", "no:cacheprovider")
+    result.stdout.re_match_lines([r".*1 passed, 1 skipped, 3 deselected.*"])
+    typo = pytester.runpytest_subprocess("--requirement", "HANDSHAKE-99", "-p", "no:cacheprovider")
+    assert typo.ret != 0
+    typo.stderr.re_match_lines([r".*--requirement: not in conformance/SPEC.md: HANDSHAKE-99.*"])
