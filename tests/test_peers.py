@@ -171,3 +171,51 @@ def test_versions_reported_by_dockerd_26(dockerd_26):
     assert status == 200 and info["Version"].startswith("26.1.5") and info["ApiVersion"] == "1.45"
     components = {c["Name"]: c["Version"] for c in info["Components"]}
     assert components["containerd"].startswith("1.7.24") and components["runc"].startswith("1.1.5")
+
+
+# -- the machine's apt sources (no network) -----------------------------------------------------------
+
+def _etc_apt(tmp_path, sources_list="", parts=()):
+    root = tmp_path / "apt"
+    (root / "sources.list.d").mkdir(parents=True)
+    (root / "sources.list").write_text(sources_list)
+    for name, text in parts:
+        (root / "sources.list.d" / name).write_text(text)
+    return str(root)
+
+
+def test_a_debian_13_deb822_source_is_found_with_its_keyring(tmp_path):
+    deb822 = (
+        "Types: deb\nURIs: http://mirror.example/debian\nSuites: trixie trixie-updates\nComponents: main\n"
+        "Signed-By: /usr/share/keyrings/debian-archive-keyring.pgp\n\n"
+        "Types: deb\nURIs: http://security.example/debian-security\nSuites: trixie-security\nComponents: main\n\n"
+        "Types: deb\nEnabled: No\nURIs: http://disabled.example/debian\nSuites: trixie\nComponents: main\n"
+    )
+    source = install.archive_source(_etc_apt(tmp_path, parts=[("debian.sources", deb822)]))
+    assert source.uri == "http://mirror.example/debian"
+    assert source.keyrings == ("/usr/share/keyrings/debian-archive-keyring.pgp",)
+
+
+def test_one_line_options_and_suite_aliases(tmp_path, monkeypatch):
+    monkeypatch.delenv("SESSION_PEERS_ARCHIVE", raising=False)
+    one_line = ("deb [arch=amd64 signed-by=/etc/apt/keyrings/m.gpg] http://alias.example/debian stable main\n"
+                "deb http://codename.example/debian bookworm main contrib\n")
+    source = install.archive_source(_etc_apt(tmp_path, one_line))
+    assert source.uri == "http://codename.example/debian", "a codename wins over an alias"
+    only_alias = install.archive_source(_etc_apt(tmp_path / "b", one_line.splitlines()[0] + "\n"))
+    assert (only_alias.uri, only_alias.keyrings) == ("http://alias.example/debian", ("/etc/apt/keyrings/m.gpg",))
+
+
+def test_without_a_usable_entry_the_default_archive_or_the_override(tmp_path, monkeypatch):
+    security_only = "deb http://security.debian.org/debian-security bookworm-security main\n"
+    monkeypatch.delenv("SESSION_PEERS_ARCHIVE", raising=False)
+    assert install.archive_source(_etc_apt(tmp_path, security_only)).uri == "http://deb.debian.org/debian"
+    monkeypatch.setenv("SESSION_PEERS_ARCHIVE", "http://override.example/debian/")
+    assert install.archive_source(_etc_apt(tmp_path / "b", security_only)).uri == "http://override.example/debian"
+
+
+def test_private_sources_name_both_suites_packages_only(tmp_path):
+    text = install.private_sources("http://a/debian", ["/k.pgp"], "amd64")
+    assert text == ("deb [signed-by=/k.pgp arch=amd64 target=Packages] http://a/debian bookworm main\n"
+                    "deb [signed-by=/k.pgp arch=amd64 target=Packages] http://a/debian trixie main\n")
+    assert "signed-by" not in install.private_sources("http://a/debian", [], "arm64")

@@ -5,8 +5,9 @@
 Stdlib only, so it runs before the project is pip-installed. For each vintage of ``catalogue.VINTAGES``:
 
 1. A private apt configuration under ``PREFIX/.apt`` (its own sources list naming Debian 12's and 13's main
-   suites on the archive the machine's apt already uses, its own lists and cache, no system preferences or
-   source parts) is refreshed with ``apt-get update``. apt checks the archive's signed index.
+   suites on the archive the machine's apt already uses, one-line or deb822, its own lists and cache, no
+   system preferences or source parts) is refreshed with ``apt-get update``. apt checks the archive's signed
+   index with the keyrings the machine's entry names plus Debian's archive keyring.
 2. Each pinned package is fetched with ``apt-get download``; its SHA-256 is compared with the index entry.
 3. The packages are unpacked with ``dpkg-deb -x`` into a staging directory, which replaces
    ``PREFIX/<vintage>`` in one rename; ``manifest.json`` there records what was installed.
@@ -33,7 +34,7 @@ from .catalogue import DEFAULT_PREFIX, PREFIX_ENV, PROGRAMS, SUITES, SUPPORTED_H
 
 MANIFEST = "manifest.json"
 _MANIFEST_FORMAT = 1
-_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+_DEBIAN_KEYRINGS = ("/usr/share/keyrings/debian-archive-keyring.pgp", "/usr/share/keyrings/debian-archive-keyring.gpg")
 _DEFAULT_ARCHIVE = "http://deb.debian.org/debian"
 
 
@@ -68,50 +69,136 @@ def host_release(os_release: str = "/etc/os-release") -> str:
     return release
 
 
-def _source_entries() -> list[tuple[str, list[str], list[str]]]:
-    """(URI, suites, components) of every entry of the machine's apt sources, one-line and deb822."""
+@dataclass(frozen=True)
+class SourceEntry:
+    """One ``deb`` entry of the machine's apt sources."""
+
+    uri: str
+    suites: tuple[str, ...]
+    components: tuple[str, ...]
+    keyrings: tuple[str, ...] = ()  # Signed-By keyring files (fingerprints and inline keys are left out)
+
+
+def _keyring_paths(values: list[str]) -> tuple[str, ...]:
+    return tuple(value for value in values if value.startswith("/"))
+
+
+def _one_line_entries(text: str) -> list[SourceEntry]:
     entries = []
-    one_line = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*.list"))]
-    for path in one_line:
-        with contextlib.suppress(OSError):
-            for line in path.read_text().splitlines():
-                line = re.sub(r"\[[^]]*\]", " ", line.split("#", 1)[0]).split()
-                if len(line) >= 4 and line[0] == "deb":
-                    entries.append((line[1], [line[2]], line[3:]))
-    for path in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
-        with contextlib.suppress(OSError):
-            for stanza in re.split(r"\n\s*\n", path.read_text()):
-                fields = {}
-                for line in stanza.splitlines():
-                    key, sep, value = line.partition(":")
-                    if sep and not line.startswith((" ", "#")):
-                        fields[key.strip().lower()] = value.split()
-                if "deb" in fields.get("types", []) and fields.get("enabled", ["yes"]) != ["no"]:
-                    for uri in fields.get("uris", []):
-                        entries.append((uri, fields.get("suites", []), fields.get("components", [])))
+    for line in text.splitlines():
+        match = re.match(r"\s*deb\s+(?:\[([^]]*)\]\s*)?(\S+)\s+(\S+)\s*(.*)", line.split("#", 1)[0])
+        if not match:
+            continue
+        options, uri, suite, components = match.groups()
+        keyrings: list[str] = []
+        for option in (options or "").split():
+            key, sep, value = option.partition("=")
+            if sep and key.lower() in ("signed-by", "signed-by+"):
+                keyrings += value.split(",")
+        entries.append(SourceEntry(uri, (suite,), tuple(components.split()), _keyring_paths(keyrings)))
     return entries
 
 
-def archive_uri() -> str:
-    """The Debian archive the machine's apt already uses for its own release (not the security archive)."""
+def _deb822_entries(text: str) -> list[SourceEntry]:
+    entries = []
+    for stanza in re.split(r"\n[ \t]*\n", text):
+        fields: dict[str, list[str]] = {}
+        for line in stanza.splitlines():
+            # Continuation lines (an inline Signed-By key block among them) start with blank space.
+            if line.startswith((" ", "\t", "#")):
+                continue
+            key, sep, value = line.partition(":")
+            if sep:
+                fields[key.strip().lower()] = value.split()
+        enabled = [value.lower() for value in fields.get("enabled", ["yes"])]
+        if "deb" not in fields.get("types", []) or enabled == ["no"]:
+            continue
+        for uri in fields.get("uris", []):
+            entries.append(SourceEntry(uri, tuple(fields.get("suites", [])), tuple(fields.get("components", [])),
+                                       _keyring_paths(fields.get("signed-by", []))))
+    return entries
+
+
+def source_entries(etc_apt: str = "/etc/apt") -> list[SourceEntry]:
+    """Every ``deb`` entry of the machine's apt sources, in apt's order: sources.list, then the parts
+    (one-line ``*.list`` and deb822 ``*.sources``, as Debian 13 installs ``debian.sources``)."""
+    entries: list[SourceEntry] = []
+    root = Path(etc_apt)
+    parts = sorted(path for path in (root / "sources.list.d").glob("*") if path.suffix in (".list", ".sources"))
+    for path in (root / "sources.list", *parts):
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        entries += _deb822_entries(text) if path.suffix == ".sources" else _one_line_entries(text)
+    return entries
+
+
+# Names a Debian archive entry may give its suite instead of the codename (with -updates etc. after it).
+_SUITE_ALIASES = ("oldstable", "stable", "testing", "unstable", "sid")
+
+
+def archive_source(etc_apt: str = "/etc/apt") -> SourceEntry:
+    """The Debian archive the machine's apt already uses (not the security archive), with its keyrings.
+
+    An entry naming bookworm or trixie itself wins over one naming a suite alias such as ``stable``;
+    without either, deb.debian.org. ``$SESSION_PEERS_ARCHIVE`` overrides (then Debian's keyring is used).
+    """
     if os.environ.get("SESSION_PEERS_ARCHIVE"):
-        return os.environ["SESSION_PEERS_ARCHIVE"].rstrip("/")
+        return SourceEntry(os.environ["SESSION_PEERS_ARCHIVE"].rstrip("/"), (), ())
     codenames = set(SUITES.values())
-    for uri, suites, components in _source_entries():
-        if "main" in components and codenames.intersection(suites) and "security" not in uri:
-            return uri.rstrip("/")
-    return _DEFAULT_ARCHIVE
+    by_rank: dict[int, SourceEntry] = {}
+    for entry in source_entries(etc_apt):
+        if "main" not in entry.components or "security" in entry.uri or entry.uri.startswith("cdrom:"):
+            continue
+        bases = {suite.split("-", 1)[0] for suite in entry.suites if not suite.endswith("-security")}
+        if codenames.intersection(entry.suites):
+            rank = 0
+        elif bases.intersection(codenames.union(_SUITE_ALIASES)):
+            rank = 1
+        else:
+            continue
+        by_rank.setdefault(rank, SourceEntry(entry.uri.rstrip("/"), entry.suites, entry.components, entry.keyrings))
+    if by_rank:
+        return by_rank[min(by_rank)]
+    return SourceEntry(_DEFAULT_ARCHIVE, (), ())
+
+
+def archive_keyrings(source: SourceEntry, candidates: tuple[str, ...] = _DEBIAN_KEYRINGS) -> list[str]:
+    """Keyrings the private apt checks the indexes with: those the machine's own entry for the archive
+    names (a mirror may sign with its own key), then Debian's (``.pgp`` since Debian 13, where ``.gpg``
+    is a compatibility link), each once. Empty when none exists: apt then checks with its trusted keys."""
+    chosen: list[str] = []
+    seen: set[str] = set()
+    debian = next((path for path in candidates if os.path.isfile(path)), None)
+    for path in (*source.keyrings, *([debian] if debian else [])):
+        real = os.path.realpath(path)
+        if os.path.isfile(path) and real not in seen:
+            seen.add(real)
+            chosen.append(path)
+    return chosen
 
 
 # -- the private apt -------------------------------------------------------------------------------
+
+def private_sources(archive: str, keyrings: list[str], architecture: str) -> str:
+    """The private sources list: Debian 12's and 13's main suites on one archive, Packages indexes only
+    (no translations, contents or AppStream data that the machine's apt.conf.d may ask for)."""
+    options = [f"arch={architecture}", "target=Packages"]
+    if keyrings:
+        options.insert(0, f"signed-by={','.join(keyrings)}")
+    return "".join(f"deb [{' '.join(options)}] {archive} {suite} main\n" for suite in sorted(set(SUITES.values())))
+
 
 class PrivateApt:
     """apt-get and apt-cache with their own sources, lists and cache: the system's state is never read
     for sources or preferences, and never written."""
 
-    def __init__(self, root: Path, archive: str):
+    def __init__(self, root: Path, archive: str, keyrings: list[str] | None = None, log=lambda message: None):
         self.root = root
         self.archive = archive
+        self.keyrings = archive_keyrings(SourceEntry(archive, (), ())) if keyrings is None else keyrings
+        self._log = log
         self._updated = False
 
     def _options(self) -> list[str]:
@@ -128,11 +215,12 @@ class PrivateApt:
             "-o", "Acquire::Retries=3",
         ]
 
-    def _run(self, tool: str, *args: str, cwd: Path | None = None) -> str:
+    def _run(self, tool: str, *args: str, cwd: Path | None = None, hint: str = "") -> str:
         command = [tool, *self._options(), *args]
         proc = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env={**os.environ, "LC_ALL": "C"})
         if proc.returncode != 0:
-            raise InstallError(f"{' '.join([tool, *args])} failed ({proc.returncode}):\n{proc.stderr.strip()[-2000:]}")
+            raise InstallError(f"{' '.join([tool, *args])} failed ({proc.returncode}):\n"
+                               f"{proc.stderr.strip()[-2000:]}{hint}")
         return proc.stdout
 
     def update(self) -> None:
@@ -142,11 +230,18 @@ class PrivateApt:
         for directory in (etc / "sources.list.d", etc / "preferences.d", self.root / "lists" / "partial",
                           self.root / "cache" / "archives" / "partial"):
             directory.mkdir(parents=True, exist_ok=True)
-        if not os.path.exists(_KEYRING):
-            raise InstallError(f"{_KEYRING} missing: install Debian's debian-archive-keyring")
-        lines = [f"deb [signed-by={_KEYRING}] {self.archive} {suite} main" for suite in sorted(set(SUITES.values()))]
-        (etc / "sources.list").write_text("\n".join(lines) + "\n")
-        self._run("apt-get", "update")
+        architecture = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
+                                      check=True).stdout.strip()
+        (etc / "sources.list").write_text(private_sources(self.archive, self.keyrings, architecture))
+        self._log(f"peers: apt-get update of bookworm and trixie from {self.archive} "
+                  f"(signatures checked with {', '.join(self.keyrings) or 'apt trusted keys'})")
+        if self.keyrings:
+            hint = (f"\n(sources: {etc / 'sources.list'}; SESSION_PEERS_ARCHIVE names another Debian archive, "
+                    "which must carry both bookworm and trixie)")
+        else:
+            hint = (f"\n(neither {' nor '.join(_DEBIAN_KEYRINGS)} exists, so apt had only its own trusted keys: "
+                    "install debian-archive-keyring)")
+        self._run("apt-get", "update", hint=hint)
         self._updated = True
 
     def versions(self, packages: list[str]) -> dict[tuple[str, str], list[str]]:
@@ -327,7 +422,7 @@ def install(prefix: str | None = None, vintages: list[str] | None = None, *, for
             log=print) -> list[InstallResult]:
     if os.geteuid() != 0:
         raise InstallError("installing the peers needs root (the prefix and the private daemons are root's)")
-    for tool in ("apt-get", "apt-cache", "dpkg-deb", "ldd"):
+    for tool in ("apt-get", "apt-cache", "dpkg", "dpkg-deb", "ldd"):
         if shutil.which(tool) is None:
             raise InstallError(f"{tool} not found: the peers are installed with Debian's own tools")
     release = host_release()
@@ -338,7 +433,8 @@ def install(prefix: str | None = None, vintages: list[str] | None = None, *, for
         raise InstallError(f"unknown vintage {', '.join(unknown)} (known: {', '.join(VINTAGES)})")
     results = []
     with _locked(root):
-        apt = PrivateApt(root / ".apt", archive_uri())
+        source = archive_source()
+        apt = PrivateApt(root / ".apt", source.uri, archive_keyrings(source), log=log)
         for name in names:
             result = install_vintage(VINTAGES[name], root, apt, force=force)
             log(f"peers: {name} {result.action} in {result.directory} (host Debian {release}): "
