@@ -1,4 +1,5 @@
-"""``python -m benchmarks [--suite core|client|daemon|all] [--runs 3] [--files 5000] [--megabytes 200] [--json FILE]``"""
+"""``python -m benchmarks [--suite core|client|client-26.1|daemon|daemon-26.1|all] [--runs 3] [--files 5000]
+[--megabytes 200] [--json FILE]``"""
 
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ import traceback
 
 from . import contexts
 from .procs import compile_bytecode
+from conformance import peers
+
 from .report import SuiteResult, format_summary, format_table
 
-SUITES = ("core", "client", "daemon")
+# client and daemon: against the 20.10 peers; client-26.1 and daemon-26.1: against the 26.1 ones, same run.
+SUITES = ("core", "client", "client-26.1", "daemon", "daemon-26.1")
 
 
 def _interrupt(signum, _frame):
@@ -39,20 +43,20 @@ def _machine() -> dict:
         "python": platform.python_version(),
         "kernel": platform.release(),
         "rsync": _version(["/usr/bin/rsync", "--version"]),
-        "docker_cli": _version([realpeers.DOCKER_CLI, "--version"]),
-        "dockerd": _version([realpeers.DOCKERD, "--version"]),
+        **{name: peers.version(name) or "unavailable" for name in peers.PROGRAMS},
     }
 
 
 def _run_suite(name: str, opts) -> SuiteResult:
-    if name == "core":
+    kind, _, vintage = name.partition("-")
+    if kind == "core":
         from . import core as module
-    elif name == "client":
+    elif kind == "client":
         from . import client as module
     else:
         from . import daemon as module
     try:
-        return module.run(opts)
+        return module.run(opts) if kind == "core" else module.run(opts, vintage or "20.10")
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # one broken suite must not hide the others' numbers

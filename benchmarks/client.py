@@ -1,4 +1,6 @@
-"""Suite "client": our client against the docker CLI 20.10, into the same private dockerd 20.10.
+"""Suites "client" and "client-26.1": our client against the real client of a vintage, into that vintage's
+private dockerd: our client n against the docker CLI 20.10 into dockerd 20.10, our client n+1 against the docker
+CLI 26.1 with buildx 0.13 into dockerd 26.1 (PAIRS).
 
 Both build the same generated context (``FROM scratch`` + ``COPY . /``) in
 three states: cold (after ``docker builder prune -af``), unchanged (right after
@@ -15,7 +17,7 @@ Two figures per state:
 * the daemon-reported duration of the ``[internal] load build context``
   vertex (its final ``completed - started``), from separate runs: the CLI with
   ``--progress plain`` (its last ``#N DONE 1.2s`` for that vertex), ours
-  through ``benchmarks.clientprobe``, which runs the same ``build()`` as
+  (buildx prints the same lines) through ``benchmarks.clientprobe``, which runs the same ``build()`` as
   ``python -m reference.client build`` with a progress handler that keeps the
   vertex's final timestamps as the CLI's display does.  Ours is rounded to
   0.1 s as the CLI prints it.  Our client's own context-stream seconds (from
@@ -29,8 +31,9 @@ import json
 import os
 import re
 import sys
+from dataclasses import dataclass
 
-from conformance import realpeers
+from conformance import peers, realpeers
 
 from . import contexts
 from .procs import MeasurementError, PROJECT_ROOT, Workspace, child_env, python_module, run_timed, settle
@@ -40,6 +43,26 @@ TARGET = 1.0
 SCENARIOS = ("cold", "unchanged", "changed")
 SCENARIO_LABELS = {"cold": "cold", "unchanged": "unchanged", "changed": "one file changed"}
 CLI_RESOLUTION = 0.1  # BuildKit's plain progress prints durations to 0.1 s
+
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Who is measured against whom: our client of a generation, a real client, the daemon of their vintage."""
+
+    suite: str
+    daemon: str  # a dockerd of conformance.peers
+    peer_client: str  # a client of conformance.peers
+    peer_label: str
+    generation: str  # our client's --generation
+    with_grpcio: bool  # also our grpcio transport, as an extra row
+
+
+PAIRS = {
+    "20.10": Pair("client", "dockerd-20.10", "docker-cli-20.10", "docker CLI 20.10", "n", with_grpcio=True),
+    "26.1": Pair("client-26.1", "dockerd-26.1", "docker-cli-26.1", "docker CLI 26.1 + buildx 0.13", "n+1",
+                 with_grpcio=False),
+}
 
 _VERTEX_LINE = re.compile(r"^#(\d+) (.*)$")
 _DONE_LINE = re.compile(r"^#(\d+) DONE (\d+(?:\.\d+)?)s\s*$")
@@ -82,25 +105,28 @@ class Tool:
     """One way of building: the docker CLI, or our client over one transport."""
 
     def __init__(self, name: str, label: str, extra: bool, config_dir: str, context: str, base_env: dict,
-                 transport: str | None = None):
+                 transport: str | None = None, peer: str | None = None, generation: str = "n+1"):
         self.name, self.label, self.extra, self.transport = name, label, extra, transport
+        self.peer, self.generation = peer, generation
         self.context = context
         os.makedirs(config_dir, exist_ok=True)
         self.env = child_env(dict(base_env, DOCKER_CONFIG=config_dir))
+        if peer is not None:
+            self.env.update(peers.client_env(peer, config_dir))  # the vintage's plugins (buildx) in its config
         self.error = ""
         self.stats_files: list[str] = []
 
     def argv(self, plain: bool, probe_json: str | None) -> list[str]:
         if self.transport is None:
             progress = ["--progress", "plain"] if plain else ["-q"]
-            return [realpeers.DOCKER_CLI, "build", *progress, self.context]
+            return [peers.binary(self.peer), "build", *progress, self.context]
         if plain:
             # Same build() as the CLI entry point, with a progress handler that keeps the vertex's final
             # timing (reference.client's own plain printer reports the first completion only).
-            return python_module("benchmarks.clientprobe", "--transport", self.transport, "--out", probe_json,
-                                 self.context)
+            return python_module("benchmarks.clientprobe", "--transport", self.transport, "--generation",
+                                 self.generation, "--out", probe_json, self.context)
         return python_module("reference.client", "build", "--progress", "quiet", "--transport", self.transport,
-                             self.context)
+                             "--generation", self.generation, self.context)
 
 
 def _probe_figures(probe_path: str) -> tuple[float | None, float | None]:
@@ -112,10 +138,11 @@ def _probe_figures(probe_path: str) -> tuple[float | None, float | None]:
     return probe.get("load_context_seconds"), own
 
 
-def run(opts) -> SuiteResult:
-    result = SuiteResult("client", "client: our client vs docker CLI 20.10, into dockerd 20.10",
-                         ours_name="ours (h2)", peer_name="docker CLI")
-    reason = realpeers.no_docker_reason()
+def run(opts, vintage: str = "20.10") -> SuiteResult:
+    pair = PAIRS[vintage]
+    result = SuiteResult(pair.suite, f"{pair.suite}: our client {pair.generation} vs {pair.peer_label}, "
+                                     f"into dockerd {vintage}", ours_name="ours (h2)", peer_name=pair.peer_label)
+    reason = realpeers.no_docker_reason(pair.daemon, pair.peer_client)
     if reason:
         result.error = f"real peers unavailable: {reason}"
         return result
@@ -126,17 +153,20 @@ def run(opts) -> SuiteResult:
         tree = contexts.generate_tree(context, opts.files, opts.megabytes, seed=opts.seed, dockerfile=True)
         contexts.preread(context)
         result.details["tree"] = tree.describe()
-        print(f"  client: context {tree.describe()}; {opts.runs} interleaved runs", flush=True)
+        print(f"  {pair.suite}: context {tree.describe()}; {opts.runs} interleaved runs", flush=True)
         floor = [run_timed([sys.executable, "-c", "pass"], env=child_env(), scratch=ws.path).seconds
                  for _ in range(5)]
         result.details["interpreter_start"] = floor
-        with realpeers.PrivateDockerd() as dockerd:
-            base_env = dockerd.env()
+        with realpeers.PrivateDockerd(pair.daemon) as dockerd:
+            base_env = dockerd.env(pair.peer_client)
             tools = [
-                Tool("cli", "docker CLI", False, ws.sub("cfg-cli"), context, base_env),
-                Tool("h2", "ours (h2)", False, ws.sub("cfg-h2"), context, base_env, transport="h2"),
-                Tool("grpcio", "ours (grpcio)", True, ws.sub("cfg-grpcio"), context, base_env, transport="grpcio"),
+                Tool("cli", pair.peer_label, False, ws.sub("cfg-cli"), context, base_env, peer=pair.peer_client),
+                Tool("h2", "ours (h2)", False, ws.sub("cfg-h2"), context, base_env, transport="h2",
+                     generation=pair.generation),
             ]
+            if pair.with_grpcio:
+                tools.append(Tool("grpcio", "ours (grpcio)", True, ws.sub("cfg-grpcio"), context, base_env,
+                                  transport="grpcio", generation=pair.generation))
             for tool in tools:
                 samples[tool.name] = {figure: {s: [] for s in SCENARIOS}
                                       for figure in ("wall", "context", "context_exact", "stream")}
@@ -178,9 +208,9 @@ def run(opts) -> SuiteResult:
                                 bucket["context"][scenario].append(seconds)
                         except MeasurementError as exc:
                             tool.error = str(exc)
-                            print(f"  client: {tool.label} failed, left out from now on: "
+                            print(f"  {pair.suite}: {tool.label} failed, left out from now on: "
                                   f"{str(exc).splitlines()[0]}", flush=True)
-                print(f"  client: run {run_index + 1}/{opts.runs}: " + ", ".join(
+                print(f"  {pair.suite}: run {run_index + 1}/{opts.runs}: " + ", ".join(
                     f"{t.label} wall {'/'.join(f'{v[-1]:.2f}' for v in samples[t.name]['wall'].values() if v) or '-'}"
                     for t in tools), flush=True)
 
@@ -205,6 +235,9 @@ def run(opts) -> SuiteResult:
     result.notes.append(f"context: {tree.describe()}, Dockerfile 'FROM scratch' + 'COPY . /'; "
                         f"median of {opts.runs} interleaved runs" + (" (fewer than 3: indicative only)"
                                                                         if opts.runs < 3 else ""))
+    result.notes.append(f"ours: python -m reference.client build --generation {pair.generation}; peer: "
+                        f"{peers.version(pair.peer_client) or pair.peer_client}; daemon: "
+                        f"{peers.version(pair.daemon) or pair.daemon} (private)")
     result.notes.append("wall time: whole process, quiet output (docker build -q / --progress quiet)")
     result.notes.append("load build context: the daemon's own duration of the '[internal] load build context' "
                         "vertex (final completed - started), from separate runs: the CLI with --progress plain "

@@ -1,4 +1,5 @@
-"""``python -m benchmarks.clientprobe --transport T --out FILE CONTEXT``: our client, timing a daemon vertex.
+"""``python -m benchmarks.clientprobe --transport T [--generation G] --out FILE CONTEXT``: our client, timing a
+daemon vertex.
 
 Runs the same ``reference.client.build.build()`` that ``python -m
 reference.client build`` runs, with a progress handler that keeps each
@@ -46,12 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.clientprobe")
     parser.add_argument("context")
     parser.add_argument("--transport", choices=["h2", "grpcio"], default="h2")
+    parser.add_argument("--generation", choices=["n-1", "n", "n+1"], default="n+1")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     from reference.client.build import build
 
     times = VertexTimes()
-    result = build(args.context, transport=args.transport, progress=times)
+    result = build(args.context, transport=args.transport, generation=args.generation, progress=times)
     vertexes = times.by_name()
     context = vertexes.get(LOAD_CONTEXT)
     seconds = None

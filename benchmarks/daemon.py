@@ -1,4 +1,6 @@
-"""Suite "daemon": the docker CLI 20.10 into our reference daemon against the same CLI into dockerd 20.10.
+"""Suites "daemon" and "daemon-26.1": the docker CLI 20.10 into our reference daemon against the same CLI into
+the real daemon of a generation: our daemon n against dockerd 20.10, our daemon n+1 against dockerd 26.1 (PAIRS).
+The CLI 20.10 builds against both daemons of each pair (buildx needs /grpc, which our daemon does not serve yet).
 
 Same generated context (``FROM scratch`` + ``COPY . /``), ``docker build -q``,
 whole wall time; cold and unchanged, interleaved (ours cold, dockerd cold, ours
@@ -19,8 +21,9 @@ import re
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 
-from conformance import realpeers
+from conformance import peers, realpeers
 
 from . import contexts
 from .procs import MeasurementError, PROJECT_ROOT, Workspace, child_env, python_module, run_timed, settle
@@ -32,6 +35,16 @@ TARGET_PEAK_MB = 100.0
 NOT_IMPLEMENTED = "reference daemon not implemented yet"
 
 
+@dataclass(frozen=True)
+class Pair:
+    suite: str
+    daemon: str  # a dockerd of conformance.peers
+    generation: str  # our daemon's --generation
+
+
+PAIRS = {"20.10": Pair("daemon", "dockerd-20.10", "n"), "26.1": Pair("daemon-26.1", "dockerd-26.1", "n+1")}
+
+
 def reference_daemon_missing() -> bool:
     """True only when the package does not exist at all (a broken one must fail, not skip)."""
     return importlib.util.find_spec("reference.daemon") is None
@@ -40,8 +53,9 @@ def reference_daemon_missing() -> bool:
 class ReferenceDaemon:
     """``python -m reference.daemon --host unix://SOCK --root DIR`` as a child in its own session."""
 
-    def __init__(self, workdir: str, start_timeout: float = 60.0):
+    def __init__(self, workdir: str, start_timeout: float = 60.0, generation: str = "n+1"):
         self.workdir = workdir
+        self.daemon_generation = generation
         self.socket_path = os.path.join(workdir, "d.sock")
         self.start_timeout = start_timeout
         self.process: subprocess.Popen | None = None
@@ -58,7 +72,8 @@ class ReferenceDaemon:
         log = open(os.path.join(self.workdir, "daemon.log"), "ab")
         try:
             self.process = subprocess.Popen(
-                python_module("reference.daemon", "--host", self.host, "--root", self.root),
+                python_module("reference.daemon", "--host", self.host, "--root", self.root,
+                              "--generation", self.daemon_generation),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=child_env(),
                 cwd=PROJECT_ROOT,
                 start_new_session=True,  # a Ctrl-C must not reach it before stop() runs
@@ -146,13 +161,14 @@ def _cli_env(host: str, config_dir: str) -> dict[str, str]:
     return env
 
 
-def run(opts) -> SuiteResult:
-    result = SuiteResult("daemon", "daemon: docker CLI into our daemon vs into dockerd 20.10",
-                         ours_name="our daemon", peer_name="dockerd")
+def run(opts, vintage: str = "20.10") -> SuiteResult:
+    pair = PAIRS[vintage]
+    result = SuiteResult(pair.suite, f"{pair.suite}: docker CLI 20.10 into our daemon {pair.generation} vs into "
+                                     f"dockerd {vintage}", ours_name="our daemon", peer_name=f"dockerd {vintage}")
     if reference_daemon_missing():
         result.skipped = NOT_IMPLEMENTED
         return result
-    reason = realpeers.no_docker_reason()
+    reason = realpeers.no_docker_reason(pair.daemon, realpeers.DEFAULT_CLIENT)
     if reason:
         result.error = f"real peers unavailable: {reason}"
         return result
@@ -164,9 +180,10 @@ def run(opts) -> SuiteResult:
         tree = contexts.generate_tree(context, opts.files, opts.megabytes, seed=opts.seed, dockerfile=True)
         contexts.preread(context)
         result.details["tree"] = tree.describe()
-        print(f"  daemon: context {tree.describe()}; {opts.runs} interleaved runs", flush=True)
+        print(f"  {pair.suite}: context {tree.describe()}; {opts.runs} interleaved runs", flush=True)
         os.makedirs(ws.sub("ours"))
-        with realpeers.PrivateDockerd() as dockerd, ReferenceDaemon(ws.sub("ours")) as ours:
+        with realpeers.PrivateDockerd(pair.daemon) as dockerd, \
+                ReferenceDaemon(ws.sub("ours"), generation=pair.generation) as ours:
             envs = {"dockerd": _cli_env(dockerd.host, ws.sub("cfg-dockerd")),
                     "ours": _cli_env(ours.host, ws.sub("cfg-ours"))}
 
@@ -200,7 +217,7 @@ def run(opts) -> SuiteResult:
                             samples["peak_mb"].append(peak)
                 for target in order:
                     samples[target]["unchanged"].append(build(target, "unchanged"))
-                print(f"  daemon: run {run_index + 1}/{opts.runs}: cold {samples['ours']['cold'][-1]:.3f} s vs "
+                print(f"  {pair.suite}: run {run_index + 1}/{opts.runs}: cold {samples['ours']['cold'][-1]:.3f} s vs "
                       f"{samples['dockerd']['cold'][-1]:.3f} s, unchanged {samples['ours']['unchanged'][-1]:.3f} s "
                       f"vs {samples['dockerd']['unchanged'][-1]:.3f} s", flush=True)
 
@@ -217,6 +234,8 @@ def run(opts) -> SuiteResult:
     result.notes.append(f"context: {tree.describe()}; docker CLI 20.10 'build -q', whole wall time; "
                         f"median of {opts.runs} interleaved runs" + (" (fewer than 3: indicative only)"
                                                                         if opts.runs < 3 else ""))
+    result.notes.append(f"ours: python -m reference.daemon --generation {pair.generation}; peer: "
+                        f"{peers.version(pair.daemon) or pair.daemon} (private)")
     result.notes.append("cold: 'docker builder prune -af' on dockerd; on our daemon "
                         + ("a restart on an empty --root (its prune failed or reclaimed nothing)" if restarted_for_cold
                            else "the same prune"))

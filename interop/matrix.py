@@ -1,4 +1,5 @@
-"""Merge several results.json files (one per pytest run) into an implementation x requirement-group matrix.
+"""Merge several results.json files (one per pytest run) into an implementation x requirement-group matrix,
+headed by the client x daemon skew grid when the run directory has one (skew/skew.json, interop/skew.py).
 
     python -m interop.matrix reports/interop [--out reports/interop]
 
@@ -86,6 +87,21 @@ def _gist(record: dict) -> str:
     return (errors or lines or [""])[0][:300]
 
 
+def load_skew(root: str) -> tuple[dict, dict] | None:
+    """(skew.json, run.json) of the skew run under root, if there is one."""
+    path = os.path.join(root, "skew", "skew.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as fh:
+        skew = json.load(fh)
+    run = {"kind": "skew", "implementation": "client x daemon skew matrix"}
+    run_path = os.path.join(root, "skew", "run.json")
+    if os.path.isfile(run_path):
+        with open(run_path) as fh:
+            run = json.load(fh)
+    return skew, run
+
+
 def build_matrix(runs: list[tuple[str, dict, dict]]) -> dict:
     cells: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: defaultdict(lambda: dict.fromkeys(COUNTED, 0)))
     failures = []
@@ -131,8 +147,17 @@ def _cell_text(counts: dict[str, int] | None) -> str:
 
 def render_markdown(matrix: dict) -> str:
     rows, groups = matrix["implementations"], matrix["groups"]
-    out = ["# Interop matrix", "",
-           "Cells: pass/fail/non-strict/unsupported test counts per requirement group (errors count as "
+    out = ["# Interop matrix", ""]
+    if matrix.get("skew"):
+        from .skew import render_grid  # the grid's only renderer
+
+        out += ["## Client x daemon (real builds of one awkward context; interop/skew.py, skew/skew.md)", "",
+                render_grid(matrix["skew"])]
+        failed = [c for c in matrix["skew"]["cells"] if c["verdict"] == "FAIL"]
+        for cell in failed:
+            out.append(f"- FAIL `{cell['client']} -> {cell['daemon']}`: " + "; ".join(cell["problems"][:3])[:600])
+        out += ["", "## Conformance suite", ""]
+    out += ["Cells: pass/fail/non-strict/unsupported test counts per requirement group (errors count as "
            "failures; `xN`: N known deviations, expected failures; `-`: not exercised). A test checking "
            "several groups counts in each.", "",
            "## Totals", "",
@@ -160,6 +185,9 @@ def render_markdown(matrix: dict) -> str:
 
 def write_matrix(root: str, out_dir: str | None = None) -> dict:
     matrix = build_matrix(load_runs(root))
+    skew = load_skew(root)
+    if skew is not None:
+        matrix["skew"], matrix["runs"]["skew"] = skew
     out_dir = out_dir or root
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "matrix.json"), "w") as fh:
@@ -176,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     matrix = write_matrix(args.root, args.out)
     sys.stdout.write(render_markdown(matrix))
-    return 1 if matrix["failures"] else 0
+    skew_failed = any(c["verdict"] == "FAIL" for c in (matrix.get("skew") or {}).get("cells", []))
+    return 1 if matrix["failures"] or skew_failed else 0
 
 
 if __name__ == "__main__":

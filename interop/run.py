@@ -1,21 +1,28 @@
 """Run the conformance suite against real peers and the embedded reference pairs; merge a matrix.
 
-    python -m interop.run [--dind-image IMG[,IMG...]] [--report-root reports/interop] [--jobs 2] [-- PYTEST ARGS]
+    python -m interop.run [--dind-image IMG[,IMG...]] [--report-root reports/interop] [--jobs 2] [--no-dind]
+                          [--no-skew] [-- PYTEST ARGS]
 
-Runs (each a separate pytest process writing DIR/{results.json,summary.md,junit.xml,pytest.log,run.json}):
+Runs (each a separate process writing DIR/{pytest.log,run.json} and, the pytest ones,
+DIR/{results.json,summary.md,junit.xml}):
 
-  dind-<tag>          daemon role against dockerd 20.10 in Docker in Docker, one per image
-                      (pytest conformance --daemon-under-test unix:///tmp/dsc-dind-.../docker.sock)
+  dind-<tag>          daemon role against dockerd in Docker in Docker, one per image (default: dockerd 20.10
+                      and 26.1; offline, images built from the peers' binaries), i.e.
+                      pytest conformance --daemon-under-test unix:///tmp/dsc-dind-.../docker.sock
   docker-cli-20.10    client role with the real CLI (--client-under-test peer:docker-cli-20.10)
   embedded            the embedded reference pairs (plain pytest conformance)
   differential-<tag>  one docker CLI command into our reference daemon and into the dind daemon: identical
                       local exports (conformance/test_differential.py, -p conformance.differential)
+  skew                the client x daemon skew matrix: real builds of one awkward context by the docker CLI 20.10,
+                      the CLI 26.1 + buildx 0.13 and the reference clients n, n+1 into dockerd 20.10, 26.1 and the
+                      reference daemons n, n+1, requests counted on the wire (python -m interop.skew, skew.json)
 
 Host daemon for the dind containers: DOCKER_HOST, else /var/run/docker.sock, else (root, docker.io installed)
 a private dockerd started here for the duration (conformance.realpeers.PrivateDockerd). Without any, the dind
 runs are skipped with a warning, or, when CI is set, the whole run fails.
 
-Exit status: 0 when every run exited 0 and no test ended FAIL or ERROR (known deviations, xfail, are fine).
+Exit status: 0 when every run exited 0, no test ended FAIL or ERROR (known deviations, xfail, are fine) and no
+skew cell FAILed (a documented known defect is fine).
 """
 
 from __future__ import annotations
@@ -45,9 +52,10 @@ PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @dataclass
 class Run:
     name: str
-    kind: str  # daemon, client, embedded, differential
+    kind: str  # daemon, client, embedded, differential, skew
     implementation: str
     pytest_args: list[str]
+    argv: list[str] | None = None  # a command that is not a pytest run (the skew matrix)
     report_dir: str = ""
     returncode: int | None = None
     seconds: float = 0.0
@@ -59,7 +67,10 @@ def _log(message: str) -> None:
     print(f"[interop {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def _pytest_command(run: Run, extra: list[str]) -> list[str]:
+def _command(run: Run, extra: list[str]) -> list[str]:
+    """The run's pytest command line (with the extra arguments), or its own argv."""
+    if run.argv is not None:
+        return list(run.argv)
     return [sys.executable, "-m", "pytest", *run.pytest_args,
             "-p", "conformance.differential", "-p", "no:cacheprovider",
             "--report-dir", run.report_dir, "-q", "-rfEX", *extra]
@@ -69,11 +80,11 @@ def _start(run: Run, extra: list[str]) -> subprocess.Popen:
     os.makedirs(run.report_dir, exist_ok=True)
     with open(os.path.join(run.report_dir, "run.json"), "w") as fh:
         json.dump({"kind": run.kind, "implementation": run.implementation, **run.details,
-                   "command": " ".join(_pytest_command(run, extra))}, fh, indent=2)
+                   "command": " ".join(_command(run, extra))}, fh, indent=2)
     log = open(os.path.join(run.report_dir, "pytest.log"), "wb")
     try:
         # Own process group, so a timeout can stop pytest and the daemons and clients it started.
-        return subprocess.Popen(_pytest_command(run, extra), stdout=log, stderr=subprocess.STDOUT,
+        return subprocess.Popen(_command(run, extra), stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=PROJECT_ROOT)
     finally:
         log.close()
@@ -103,7 +114,10 @@ def _last_line(path: str) -> str:
 
 
 def _judge(run: Run) -> None:
-    """Fill run.problems from its exit status and its results.json."""
+    """Fill run.problems from its exit status and its results.json (skew.json for the skew matrix)."""
+    if run.kind == "skew":
+        _judge_skew(run)
+        return
     if run.returncode == 5:
         run.problems.append("pytest collected no tests")
     elif run.returncode != 0:
@@ -119,6 +133,20 @@ def _judge(run: Run) -> None:
         run.problems.append(f"{len(bad)} test(s) FAIL or ERROR")
 
 
+def _judge_skew(run: Run) -> None:
+    path = os.path.join(run.report_dir, "skew.json")
+    if not os.path.isfile(path):
+        run.problems.append(f"no skew.json (exit status {run.returncode})")
+        return
+    with open(path) as fh:
+        cells = json.load(fh).get("cells", [])
+    failed = [f"{c['client']} -> {c['daemon']}" for c in cells if c["verdict"] == "FAIL"]
+    if failed:
+        run.problems.append(f"{len(failed)} skew cell(s) FAIL: {', '.join(failed)}")
+    elif run.returncode != 0:
+        run.problems.append(f"the skew matrix exited with status {run.returncode}")
+
+
 def execute(runs: list[Run], extra: list[str], jobs: int, timeout: float) -> None:
     """Run up to `jobs` pytest processes at a time; each is stopped after `timeout` seconds."""
     pending = list(runs)
@@ -126,7 +154,7 @@ def execute(runs: list[Run], extra: list[str], jobs: int, timeout: float) -> Non
     while pending or active:
         while pending and len(active) < jobs:
             run = pending.pop(0)
-            _log(f"start {run.name}: {' '.join(_pytest_command(run, extra))}")
+            _log(f"start {run.name}: {' '.join(_command(run, extra))}")
             active.append((run, _start(run, extra), time.monotonic()))
         time.sleep(0.2)
         for entry in list(active):
@@ -146,7 +174,7 @@ def execute(runs: list[Run], extra: list[str], jobs: int, timeout: float) -> Non
 
 
 def plan_runs(dind_daemons: list[tuple[dind.ResolvedImage, dind.DindDaemon]], report_root: str,
-              with_cli: bool) -> list[Run]:
+              with_cli: bool, with_skew: bool = False) -> list[Run]:
     # Longest first (the embedded pairs), so the other runs share the second job slot.
     runs: list[Run] = [Run("embedded", "embedded", "embedded reference pairs", ["conformance"])]
     for resolved, daemon in dind_daemons:
@@ -162,9 +190,13 @@ def plan_runs(dind_daemons: list[tuple[dind.ResolvedImage, dind.DindDaemon]], re
                         f"differential: our daemon n+1 vs dind {resolved.tag}",
                         ["conformance/test_differential.py", "--differential-daemon", daemon.url],
                         details={"image": resolved.image}))
+    if with_skew:
+        runs.append(Run("skew", "skew", "client x daemon skew matrix (real builds, requests counted on the wire)",
+                        [], argv=[sys.executable, "-m", "interop.skew", "--report-dir",
+                                  os.path.join(report_root, "skew")]))
     for run in runs:
         run.report_dir = os.path.join(report_root, run.name)
-        if run.kind != "embedded":
+        if run.kind not in ("embedded", "skew"):
             # The suite's self-check is about the catalogue, not the peer: once, in the embedded run.
             run.pytest_args.append("--ignore=conformance/test_selfcheck.py")
     return runs
@@ -179,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="pytest runs at a time (default 2)")
     parser.add_argument("--run-timeout", type=float, default=600.0, help="seconds before a run is stopped")
     parser.add_argument("--no-dind", action="store_true", help="skip the dind and differential runs")
+    parser.add_argument("--no-skew", action="store_true", help="skip the client x daemon skew matrix")
     parser.add_argument("pytest_args", nargs=argparse.REMAINDER, help="-- extra arguments for every pytest run")
     args = parser.parse_args(argv)
     extra = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
@@ -194,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     with_cli = missing_cli is None
     if not with_cli:
         message = f"client-role interop run skipped: {missing_cli}"
+        (setup_problems.append if in_ci else _log)(message)
+
+    missing_skew = "skipped (--no-skew)" if args.no_skew else realpeers.no_docker_reason(
+        "dockerd-20.10", "dockerd-26.1", "docker-cli-20.10", "docker-cli-26.1")
+    with_skew = missing_skew is None
+    if not with_skew and not args.no_skew:
+        message = f"skew matrix skipped: {missing_skew}"
         (setup_problems.append if in_ci else _log)(message)
 
     with contextlib.ExitStack() as stack:
@@ -212,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             except dind.DindError as exc:
                 setup_problems.append(str(exc))
                 _log(f"ERROR: {exc}")
-        runs = plan_runs(daemons, args.report_root, with_cli)
+        runs = plan_runs(daemons, args.report_root, with_cli, with_skew)
         execute(runs, extra, max(1, args.jobs), args.run_timeout)
         for resolved, daemon in daemons:  # for reading failures after the containers are gone
             with open(os.path.join(args.report_root, f"dind-{resolved.tag}", "dockerd.log"), "w") as fh:

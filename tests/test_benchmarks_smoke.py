@@ -15,14 +15,16 @@ from pathlib import Path
 import pytest
 
 # benchmarks/ is not an installed package; pytest's pythonpath (pyproject) puts the project root first.
+from benchmarks import client as client_suite
 from benchmarks import contexts
+from benchmarks import daemon as daemon_suite
 from benchmarks.client import as_cli_prints, load_context_seconds
 from benchmarks.clientprobe import LOAD_CONTEXT, VertexTimes
 from benchmarks.daemon import NOT_IMPLEMENTED, reference_daemon_missing
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 from benchmarks.report import Row  # noqa: E402
-from conformance import realpeers  # noqa: E402
+from conformance import peers, realpeers  # noqa: E402
 
 TINY = ["--files", "50", "--megabytes", "1", "--runs", "1"]
 
@@ -79,12 +81,36 @@ def test_client_suite_prints_ratios_against_the_docker_cli(tmp_path):
 
 @pytest.mark.real_peer
 @pytest.mark.slow
-def test_daemon_suite_prints_ratios_against_dockerd(tmp_path):
+def test_client_suite_prints_ratios_against_buildx_into_dockerd_26_1(tmp_path):
+    realpeers.require_docker("dockerd-26.1", "docker-cli-26.1")
+    proc, data = run_benchmarks("client-26.1", tmp_path, timeout=600)
+    assert_prints_judged_ratios(proc, data, "client-26.1")
+    [result] = data["suites"]
+    assert "buildx" in result["peer"] and "dockerd 26.1" in result["title"], result["title"]
+    metrics = {row["metric"] for row in result["rows"]}
+    for scenario in ("cold", "unchanged", "one file changed"):
+        assert f"wall time, {scenario}" in metrics
+        assert f"load build context, {scenario}" in metrics
+
+
+@pytest.mark.real_peer
+@pytest.mark.slow
+@pytest.mark.parametrize("suite, real_daemon", [("daemon", "dockerd-20.10"), ("daemon-26.1", "dockerd-26.1")])
+def test_daemon_suite_prints_ratios_against_dockerd(tmp_path, suite, real_daemon):
     if reference_daemon_missing():
         pytest.skip(NOT_IMPLEMENTED)
-    realpeers.require_docker()
-    proc, data = run_benchmarks("daemon", tmp_path, timeout=600)
-    assert_prints_judged_ratios(proc, data, "daemon")
+    realpeers.require_docker(real_daemon, realpeers.DEFAULT_CLIENT)
+    proc, data = run_benchmarks(suite, tmp_path, timeout=600)
+    assert_prints_judged_ratios(proc, data, suite)
+    assert data["suites"][0]["peer"] == f"dockerd {real_daemon.removeprefix('dockerd-')}"
+
+
+@pytest.mark.parametrize("pairs", [client_suite.PAIRS, daemon_suite.PAIRS], ids=["client", "daemon"])
+def test_each_pair_measures_our_implementation_of_the_peers_generation(pairs):
+    assert set(pairs) == set(peers.VINTAGES)
+    for vintage, pair in pairs.items():
+        assert pair.generation == peers.VINTAGES[vintage].generation, (vintage, pair)
+        assert peers.program(pair.daemon).vintage == vintage
 
 
 # -- pieces (no subprocess) ---------------------------------------------------------------------
@@ -148,6 +174,31 @@ def test_load_context_seconds_reads_the_context_vertex_only():
     without_done = CLI_PLAIN_PROGRESS.replace("#3 DONE 2.8s\n", "")
     assert load_context_seconds(without_done) == 2.6
     assert load_context_seconds(CLI_PLAIN_PROGRESS.replace("load build context", "load something")) is None
+
+
+BUILDX_PLAIN_PROGRESS = """\
+#0 building with "default" instance using docker driver
+
+#1 [internal] load build definition from Dockerfile
+#1 transferring dockerfile: 59B done
+#1 DONE 0.0s
+
+#2 [internal] load .dockerignore
+#2 transferring context: 2B done
+#2 DONE 0.0s
+
+#3 [internal] load build context
+#3 transferring context: 3.00MB 0.0s done
+#3 DONE 0.4s
+
+#4 [1/1] COPY . /
+#4 DONE 0.0s
+"""
+
+
+def test_load_context_seconds_reads_buildx_plain_progress():
+    # buildx 0.13 (CLI 26.1) prints a '#0' line first and no '#N sha256:' lines; the vertex lines are the same.
+    assert load_context_seconds(BUILDX_PLAIN_PROGRESS) == 0.4
 
 
 def test_probe_keeps_the_final_timing_of_a_vertex_completed_twice():
