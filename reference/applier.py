@@ -12,8 +12,8 @@ is complete.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
-import shutil
 import stat as _st
 import uuid
 from typing import Iterable, Mapping
@@ -21,6 +21,7 @@ from typing import Iterable, Mapping
 from . import filemode
 from .diffcopy import DeleteEntry, FileData, FileDone, ListingDone, PutEntry, ReceiverAction
 from .errors import SessionError
+from .paths import ReceiveLimits, shorten_path
 from .pb.fsutil_types_pb2 import Stat
 
 
@@ -29,6 +30,96 @@ class ApplyError(SessionError):
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_removals = itertools.count()
+# Directory fds an applier keeps open, and how many levels above a directory it keeps
+# when it opens one from the root (more would be forgotten again before their use).
+_MAX_DIR_FDS = 256
+_KEEP_NEAR = 32
+
+
+def remove_tree(path: str, *, dir_fd: int | None = None) -> None:
+    """Remove ``path`` and everything below it, whatever its depth.
+
+    No recursion and never more than two directories open: the entries of
+    each subdirectory are renamed up into ``path`` (one rename each, within
+    the tree) and the emptied subdirectory removed, until ``path`` holds no
+    directory.  Symlinks are removed, never followed.  A missing ``path`` is
+    not an error; anything else that fails raises OSError.
+    """
+    try:
+        st = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not _st.S_ISDIR(st.st_mode):
+        os.unlink(path, dir_fd=dir_fd)
+        return
+    top = _open_writable_dir(path, dir_fd)
+    prefix = f".rm{os.getpid()}-{next(_removals)}-"
+    moved = itertools.count()
+    try:
+        while True:
+            with os.scandir(top) as it:
+                entries = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in it]
+            subdirs = []
+            for name, is_dir in entries:
+                if is_dir:
+                    subdirs.append(name)
+                else:
+                    try:
+                        os.unlink(name, dir_fd=top)
+                    except FileNotFoundError:
+                        pass
+            if not subdirs:
+                break
+            for name in subdirs:
+                child = _open_writable_dir(name, top)
+                try:
+                    with os.scandir(child) as it:
+                        names = [entry.name for entry in it]
+                    for inner in names:
+                        while True:
+                            target = f"{prefix}{next(moved)}"
+                            try:
+                                os.rename(inner, target, src_dir_fd=child, dst_dir_fd=top)
+                                break
+                            except FileNotFoundError:
+                                break
+                            except OSError as exc:  # the name is taken: take another
+                                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR,
+                                                     errno.ENOTDIR):
+                                    raise
+                finally:
+                    os.close(child)
+                os.rmdir(name, dir_fd=top)
+    finally:
+        os.close(top)
+    os.rmdir(path, dir_fd=dir_fd)
+
+
+def disk_limits(root: str, limits: ReceiveLimits, min_free_disk: int) -> ReceiveLimits:
+    """``limits`` with ``max_transfer_bytes`` at most the free space of ``root``'s disk less
+    ``min_free_disk``: a transfer that cannot fit fails at its first STAT too many, not at ENOSPC."""
+    try:
+        fs = os.statvfs(root)
+    except OSError:
+        return limits
+    budget = max(0, fs.f_bavail * fs.f_frsize - min_free_disk)
+    if limits.max_transfer_bytes is not None:
+        budget = min(budget, limits.max_transfer_bytes)
+    return ReceiveLimits(limits.max_path_length, limits.max_depth, limits.max_entries, budget)
+
+
+def _open_writable_dir(path: str, dir_fd: int | None) -> int:
+    """A directory's fd, made writable and searchable first if it was not (a received
+    mode such as 0o500 would stop its removal)."""
+    fd = os.open(path, _DIR_FLAGS, dir_fd=dir_fd)
+    st = os.fstat(fd)
+    if st.st_mode & 0o700 != 0o700 and os.geteuid() != 0:
+        try:
+            os.fchmod(fd, _st.S_IMODE(st.st_mode) | 0o700)
+        except OSError:
+            pass
+    return fd
 
 
 class TreeApplier:
@@ -129,7 +220,10 @@ class TreeApplier:
         if self._staging_fd is not None:
             os.close(self._staging_fd)
             self._staging_fd = None
-            shutil.rmtree(self._staging_path, ignore_errors=True)
+            try:
+                remove_tree(self._staging_path)
+            except OSError:
+                pass
         os.close(self._root_fd)
 
     def __enter__(self) -> "TreeApplier":
@@ -143,21 +237,49 @@ class TreeApplier:
 
     # -- directories --------------------------------------------------------
     def _dir(self, path: str) -> int:
-        """fd of directory ``path`` (relative; "" is the root), never via a symlink."""
+        """fd of directory ``path`` (relative; "" is the root), never via a symlink.
+
+        Opened one component at a time from the nearest directory already open
+        (a loop, not recursion: a tree may be thousands of levels deep)."""
         if path == "":
             return self._root_fd
-        fd = self._dir_fds.get(path)
+        fds = self._dir_fds
+        fd = fds.get(path)
         if fd is not None:
             return fd
-        slash = path.rfind("/")
-        parent_fd = self._dir(path[:slash] if slash >= 0 else "")
-        try:
-            fd = os.open(path[slash + 1 :], _DIR_FLAGS, dir_fd=parent_fd)
-        except OSError as exc:
-            raise ApplyError(f"parent directory {path!r} is missing or not a directory ({exc.strerror})") from None
-        if len(self._dir_fds) > 256:
+        # the nearest open ancestor, then down from it
+        base, base_fd = path, None
+        while base_fd is None:
+            slash = base.rfind("/")
+            if slash < 0:
+                base, base_fd = "", self._root_fd
+            else:
+                base = base[:slash]
+                base_fd = fds.get(base)
+        if len(fds) > _MAX_DIR_FDS:
             self._forget_dirs("")
-        self._dir_fds[path] = fd
+            if base:  # its fd was just closed: start again from the root
+                base, base_fd = "", self._root_fd
+        fd, kept = base_fd, True
+        current = base
+        names = (path[len(base) + 1:] if base else path).split("/")
+        last = len(names) - 1
+        for index, name in enumerate(names):
+            current = f"{current}/{name}" if current else name
+            try:
+                next_fd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if not kept:
+                    os.close(fd)
+                raise ApplyError(f"parent directory {shorten_path(current)!r} is missing or not a directory "
+                                 f"({exc.strerror})") from None
+            if not kept:
+                os.close(fd)  # an intermediate directory beyond the cache's bound
+            fd = next_fd
+            # keep the levels nearest the target (the next entries are most likely below it)
+            kept = index == last or (index >= last - _KEEP_NEAR and len(fds) < _MAX_DIR_FDS)
+            if kept:
+                fds[current] = fd
         return fd
 
     def _forget_dirs(self, prefix: str) -> None:
@@ -198,7 +320,7 @@ class TreeApplier:
         if _st.S_ISDIR(st.st_mode):
             self._forget_dirs(path)
             self._dir_metadata = [(p, s) for p, s in self._dir_metadata if p != path and not p.startswith(path + "/")]
-            shutil.rmtree(name, dir_fd=parent_fd)
+            remove_tree(name, dir_fd=parent_fd)
         else:
             os.unlink(name, dir_fd=parent_fd)
         self._touch_parent(path)

@@ -13,6 +13,12 @@ Wire summary (protocol-notes section 4):
   receiver -> FIN   once every requested file has arrived
   sender   -> FIN   and the call ends
 Either side may send ERR(text) instead.  DATA for different ids may interleave.
+
+Names are bytes on the wire, as the Go peers keep them.  ``Stat`` (proto3
+strings) holds the UTF-8 ones, which is nearly all; an entry whose path, link
+target or xattr name is not UTF-8 is a :class:`NameStat` instead, with the
+same attributes, encoded and decoded by the small codec below (the same wire
+bytes; upb refuses such strings both ways).
 """
 
 from __future__ import annotations
@@ -22,9 +28,13 @@ from dataclasses import dataclass
 from operator import attrgetter
 from typing import Callable, Iterable, Iterator
 
+from google.protobuf.message import DecodeError
+
 from . import filemode
 from .errors import PeerError, ProtocolError, ValidationError
-from .paths import ListingValidator, path_sort_key
+from .paths import (  # noqa: F401  (the limits are part of this module's interface)
+    DEFAULT_LIMITS, LimitExceeded, ListingValidator, ReceiveLimits, path_sort_key,
+)
 from .pb.fsutil_types_pb2 import Packet, Stat
 
 PACKET_STAT = Packet.PACKET_STAT
@@ -41,12 +51,213 @@ _MODE_SYMLINK = filemode.MODE_SYMLINK
 _MODE_TYPE = filemode.MODE_TYPE  # no type bit at all: a regular file (filemode.is_regular)
 
 
+# ---------------------------------------------------------------------------
+# Names that are not UTF-8
+
+_ESCAPE = "surrogateescape"  # what os.fsdecode uses: os functions get the original bytes back
+_STAT_FIELDS = ("path", "mode", "uid", "gid", "size", "modTime", "linkname", "devmajor", "devminor")
+
+
+class NameStat:
+    """A Stat whose path, link target or xattr names are not all UTF-8.
+
+    upb refuses such a proto3 string both when parsing and when setting it;
+    Go's fsutil never checks.  Same attributes as ``Stat``, names as ``str``
+    with the undecodable bytes escaped, so code that reads Stats and the
+    ``os`` functions it calls work unchanged.
+    """
+
+    __slots__ = (*_STAT_FIELDS, "xattrs")
+
+    def __init__(self, path: str = "", mode: int = 0, uid: int = 0, gid: int = 0, size: int = 0,
+                 modTime: int = 0, linkname: str = "", devmajor: int = 0, devminor: int = 0,  # noqa: N803
+                 xattrs=None):
+        self.path, self.mode, self.uid, self.gid, self.size = path, mode, uid, gid, size
+        self.modTime, self.linkname, self.devmajor, self.devminor = modTime, linkname, devmajor, devminor
+        self.xattrs = dict(xattrs or {})
+
+    def SerializeToString(self, deterministic: bool = False) -> bytes:  # noqa: N802 (Stat's name)
+        out = bytearray()
+        _put_bytes(out, 1, self.path.encode("utf-8", _ESCAPE))
+        for number, value, bits in ((2, self.mode, 32), (3, self.uid, 32), (4, self.gid, 32), (5, self.size, 64),
+                                    (6, self.modTime, 64)):
+            _put_varint_field(out, number, value, bits)
+        _put_bytes(out, 7, self.linkname.encode("utf-8", _ESCAPE))
+        _put_varint_field(out, 8, self.devmajor, 64)
+        _put_varint_field(out, 9, self.devminor, 64)
+        for key in sorted(self.xattrs):  # a map's deterministic order: by key
+            entry = bytearray()  # (a map entry always carries both fields)
+            _put_bytes(entry, 1, key.encode("utf-8", _ESCAPE), always=True)
+            _put_bytes(entry, 2, bytes(self.xattrs[key]), always=True)
+            _put_bytes(out, 10, bytes(entry), always=True)
+        return bytes(out)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, (NameStat, Stat)):
+            return NotImplemented
+        return (all(getattr(self, f) == getattr(other, f) for f in _STAT_FIELDS)
+                and dict(self.xattrs) == dict(other.xattrs))
+
+    def __repr__(self) -> str:
+        return f"NameStat(path={self.path!r}, mode={self.mode:#x}, size={self.size}, linkname={self.linkname!r})"
+
+
+class NamePacket:
+    """A Packet carrying a :class:`NameStat` (the other fields hold no names)."""
+
+    __slots__ = ("type", "stat", "ID", "data", "_has_stat")
+
+    def __init__(self, stat: NameStat | None = None, type: int = 0, ID: int = 0, data: bytes = b""):  # noqa: A002, N803
+        self._has_stat = stat is not None
+        self.stat = stat if stat is not None else NameStat()
+        self.type, self.ID, self.data = type, ID, data
+
+    def HasField(self, name: str) -> bool:  # noqa: N802 (Packet's name)
+        if name != "stat":
+            raise ValueError(f"NamePacket has no presence for field {name!r}")
+        return self._has_stat
+
+    def SerializeToString(self, deterministic: bool = False) -> bytes:  # noqa: N802
+        out = bytearray()
+        _put_varint_field(out, 1, self.type, 32)
+        if self._has_stat:
+            _put_bytes(out, 2, self.stat.SerializeToString(), always=True)
+        _put_varint_field(out, 3, self.ID, 32)
+        _put_bytes(out, 4, self.data)
+        return bytes(out)
+
+
+# Protobuf wire format, just what Packet and Stat use (proto3: zero values are not written).
+_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+
+
+def _put_varint(out: bytearray, value: int) -> None:
+    value &= (1 << 64) - 1  # negative int64: ten bytes of two's complement
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def _put_varint_field(out: bytearray, number: int, value: int, bits: int) -> None:
+    value &= (1 << bits) - 1 if bits == 32 else (1 << 64) - 1
+    if value:
+        _put_varint(out, number << 3 | _VARINT)
+        _put_varint(out, value)
+
+
+def _put_bytes(out: bytearray, number: int, data: bytes, *, always: bool = False) -> None:
+    if data or always:
+        _put_varint(out, number << 3 | _LEN)
+        _put_varint(out, len(data))
+        out += data
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise DecodeError("truncated or overlong varint")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result & ((1 << 64) - 1), pos
+        shift += 7
+
+
+def _wire_fields(data: bytes):
+    """(field number, wire type, value) of one message; nested messages are read by the caller."""
+    pos, end = 0, len(data)
+    while pos < end:
+        key, pos = _read_varint(data, pos)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise DecodeError("field number 0")
+        if wire == _VARINT:
+            value, pos = _read_varint(data, pos)
+        elif wire == _LEN:
+            length, pos = _read_varint(data, pos)
+            if length > end - pos:
+                raise DecodeError("truncated length-delimited field")
+            value, pos = data[pos:pos + length], pos + length
+        elif wire in (_I64, _I32):
+            pos += 8 if wire == _I64 else 4
+            if pos > end:
+                raise DecodeError("truncated fixed-size field")
+            continue  # no such field in these messages: skipped, as an unknown field
+        else:
+            raise DecodeError(f"unsupported wire type {wire}")
+        yield number, wire, value
+
+
+def _signed(value: int, bits: int) -> int:
+    value &= (1 << bits) - 1
+    return value - (1 << bits) if value >> (bits - 1) else value
+
+
+_STAT_VARINTS = {2: ("mode", 32, False), 3: ("uid", 32, False), 4: ("gid", 32, False), 5: ("size", 64, True),
+                 6: ("modTime", 64, True), 8: ("devmajor", 64, True), 9: ("devminor", 64, True)}
+
+
+def _merge_stat(stat: NameStat, data: bytes) -> None:
+    for number, wire, value in _wire_fields(data):
+        if wire == _VARINT and number in _STAT_VARINTS:
+            name, bits, signed = _STAT_VARINTS[number]
+            setattr(stat, name, _signed(value, bits) if signed else value & ((1 << bits) - 1))
+        elif wire == _LEN and number in (1, 7):
+            setattr(stat, "path" if number == 1 else "linkname", bytes(value).decode("utf-8", _ESCAPE))
+        elif wire == _LEN and number == 10:
+            key, item = b"", b""
+            for entry_number, entry_wire, entry_value in _wire_fields(value):
+                if entry_wire == _LEN and entry_number == 1:
+                    key = entry_value
+                elif entry_wire == _LEN and entry_number == 2:
+                    item = entry_value
+            stat.xattrs[bytes(key).decode("utf-8", _ESCAPE)] = bytes(item)
+
+
+def decode_name_packet(raw: bytes) -> NamePacket:
+    """A Packet that ``Packet.FromString`` refused: names that are not UTF-8, or no Packet at all
+    (then DecodeError again)."""
+    packet = NamePacket()
+    for number, wire, value in _wire_fields(raw):
+        if wire == _VARINT and number == 1:
+            packet.type = _signed(value, 32)
+        elif wire == _VARINT and number == 3:
+            packet.ID = value & 0xFFFFFFFF
+        elif wire == _LEN and number == 2:
+            packet._has_stat = True
+            _merge_stat(packet.stat, value)  # (a repeated message field merges, as in protobuf)
+        elif wire == _LEN and number == 4:
+            packet.data = bytes(value)
+    return packet
+
+
+def decode_packet(raw: bytes) -> Packet | NamePacket:
+    """One DiffCopy message; raises DecodeError when it is not a Packet."""
+    try:
+        return Packet.FromString(raw)
+    except DecodeError:
+        return decode_name_packet(raw)
+
+
+def new_stat(**fields) -> Stat | NameStat:
+    """A Stat, or a NameStat when a name in ``fields`` is not UTF-8."""
+    try:
+        return Stat(**fields)
+    except (UnicodeEncodeError, ValueError):
+        return NameStat(**fields)
+
+
 def end_of_listing() -> Packet:
     """The terminator: a Packet without a ``stat`` field (an empty message)."""
     return Packet()
 
 
-def stat_packet(stat: Stat) -> Packet:
+def stat_packet(stat: Stat | NameStat) -> Packet | NamePacket:
+    if type(stat) is NameStat:
+        return NamePacket(stat)
     packet = Packet()  # type PACKET_STAT is 0, proto3's default
     packet.stat.CopyFrom(stat)  # cheaper than Packet(stat=stat), same message
     return packet
@@ -346,7 +557,8 @@ class DiffCopyReceiver:
     ``merge=True`` (exports) there is no diff base: every entry is added, every regular file
     requested, nothing deleted.  ``stat_filter`` may rewrite an incoming Stat
     (for example the uid/gid of an export) before it is compared, or drop it by
-    returning None.
+    returning None.  ``limits`` bound the listing; a STAT beyond one raises
+    :class:`LimitExceeded` before any action for it is returned.
     """
 
     def __init__(
@@ -355,11 +567,18 @@ class DiffCopyReceiver:
         *,
         merge: bool = False,
         stat_filter: StatFilter | None = None,
+        limits: ReceiveLimits = DEFAULT_LIMITS,
     ) -> None:
         self.state = ReceiverState.LISTING
         self.merge = merge
         self._filter = stat_filter
-        self._validator = ListingValidator()
+        self.limits = limits
+        self._validator = ListingValidator(limits)
+        self._max_entries = limits.max_entries
+        # declared sizes of the requested files, then the DATA beyond them (a file that grew)
+        self._max_bytes = limits.max_transfer_bytes
+        self.bytes_expected = 0
+        self.bytes_received = 0
         self._valid_modes: set[int] = set()  # modes check_mode accepted already
         # Taken whole now: a lazy walk of the destination would see the entries
         # this very transfer writes and diff them away.
@@ -417,6 +636,8 @@ class DiffCopyReceiver:
             return self._on_end_of_listing()
         file_id = self._next_id
         self._next_id += 1
+        if file_id >= self._max_entries:
+            raise LimitExceeded("max_entries", file_id + 1, self._max_entries, path, "too many entries")
         mode = fields[1]
         if mode not in self._valid_modes:
             check_mode(path, mode)
@@ -438,7 +659,7 @@ class DiffCopyReceiver:
         actions: list[ReceiverAction] = []
         old = self._pending_old
         if old is None or old[1][0] != path:
-            key = path.replace("/", "\0")  # path_sort_key
+            key = path_sort_key(path)
             if old is not None and old[0] < key:
                 old = self._deletions_before(key, actions)
             if old is not None and old[1][0] != path:
@@ -456,6 +677,11 @@ class DiffCopyReceiver:
             change = _ADD
         wanted = mode & _MODE_TYPE == 0 and not linkname  # needs_data
         if wanted:
+            if self._max_bytes is not None:
+                self.bytes_expected += max(fields[4], 0)
+                if self.bytes_expected > self._max_bytes:
+                    raise LimitExceeded("max_transfer_bytes", self.bytes_expected, self._max_bytes, path,
+                                        "transfer too large")
             self._wanted[file_id] = path
             self.requested.append(path)
             actions.append(PutEntry(path, incoming, change, file_id))
@@ -499,6 +725,11 @@ class DiffCopyReceiver:
         if path is None:
             raise ProtocolError(f"DATA for file id {file_id}, which was not requested or is complete")
         if chunk:
+            if self._max_bytes is not None:
+                self.bytes_received += len(chunk)
+                if self.bytes_received > self._max_bytes:
+                    raise LimitExceeded("max_transfer_bytes", self.bytes_received, self._max_bytes, path,
+                                        "transfer too large")
             return [FileData(file_id, path, chunk)]
         del self._wanted[file_id]
         return [FileDone(file_id, path), *self._maybe_fin()]
@@ -545,6 +776,7 @@ def transfer_in_memory(
     done = False
     receive = receiver.receive
     decode = Packet.FromString
+    decode_names = decode_name_packet
 
     def handle(actions: list[ReceiverAction]) -> None:
         nonlocal done
@@ -558,7 +790,11 @@ def transfer_in_memory(
 
     def deliver(packet: Packet) -> None:
         if encode:
-            packet = decode(packet.SerializeToString())
+            raw = packet.SerializeToString()
+            try:
+                packet = decode(raw)
+            except DecodeError:  # names that are not UTF-8
+                packet = decode_names(raw)
         if transcript is not None:
             transcript.append("> " + describe(packet))
         actions = receive(packet)
@@ -567,7 +803,7 @@ def transfer_in_memory(
 
     def serve(packet: Packet) -> None:
         if encode:
-            packet = decode(packet.SerializeToString())
+            packet = Packet.FromString(packet.SerializeToString())
         if transcript is not None:
             transcript.append("< " + describe(packet))
         event = sender.receive(packet)

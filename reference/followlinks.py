@@ -51,22 +51,25 @@ class _SymlinkResolver:
         self.resolved: set[str] = set()
 
     def add(self, path: str) -> None:
-        remaining = go_join(".", path)
-        current = "."
-        while True:
-            head, _, remaining = remaining.partition("/")
-            current = go_join(current, head)
-            targets = self._read_symlink(current, allow_wildcard=True)
-            if (remaining == "" or targets is not None) and current in self.resolved:
-                return  # already done (this also stops symlink loops)
-            if targets is not None:
-                self.resolved.add(current)
-                for target in targets:
-                    self.add(go_join(target, remaining))
-                return
-            if remaining == "":
-                self.resolved.add(current)
-                return
+        # Depth first like fsutil's recursion, with an explicit stack: a chain of
+        # symlinks in the tree must not exhaust Python's recursion limit.
+        todo = [path]
+        while todo:
+            remaining = go_join(".", todo.pop())
+            current = "."
+            while True:
+                head, _, remaining = remaining.partition("/")
+                current = go_join(current, head)
+                targets = self._read_symlink(current, allow_wildcard=True)
+                if (remaining == "" or targets is not None) and current in self.resolved:
+                    break  # already done (this also stops symlink loops)
+                if targets is not None:
+                    self.resolved.add(current)
+                    todo.extend(go_join(target, remaining) for target in reversed(targets))
+                    break
+                if remaining == "":
+                    self.resolved.add(current)
+                    break
 
     def _read_symlink(self, path: str, allow_wildcard: bool) -> list[str] | None:
         """Link targets (as rooted paths) for path, or None if it is not a symlink."""

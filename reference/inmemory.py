@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 
 from .applier import TreeApplier
-from .diffcopy import DiffCopyReceiver, transfer_in_memory
+from .diffcopy import DEFAULT_LIMITS, DiffCopyReceiver, ReceiveLimits, transfer_in_memory
 from .walker import EntryFilter, list_diff_base, read_chunks, walk
 
 
@@ -31,13 +31,14 @@ def sync_directories(
     merge: bool = False,
     chown: bool | None = None,
     keep_transcript: bool = False,
+    limits: ReceiveLimits = DEFAULT_LIMITS,
 ) -> SyncResult:
     """Make ``destination`` equal to ``source`` (or merge into it), sending only changes."""
     stats = walk(source, entry_filter=entry_filter, owner=owner, as_packets=True)
     # the diff ignores xattrs (fsutil's sameFile), so the old tree is walked without them,
     # into the receiver's compact diff-base entries rather than Stat messages
     previous = list_diff_base(destination) if (not merge and os.path.isdir(destination)) else ()
-    receiver = DiffCopyReceiver(previous, merge=merge)
+    receiver = DiffCopyReceiver(previous, merge=merge, limits=limits)
     applier = TreeApplier(destination, chown=chown)
     transcript: list[str] | None = [] if keep_transcript else None
     try:

@@ -148,14 +148,28 @@ class PathFilter:
         return matched, partial
 
     def _is_covered(self, directory: str) -> bool:
-        """Whether the directory, or one of its ancestors, fully matched an include pattern."""
-        known = self._covered.get(directory)
+        """Whether the directory, or one of its ancestors, fully matched an include pattern.
+
+        Ancestors are looked up towards the root until one is known, then decided
+        back down (a loop: a tree may be thousands of levels deep)."""
+        covered_memo = self._covered
+        known = covered_memo.get(directory)
         if known is not None:
             return known
+        unknown = [directory]
+        covered = False
         cut = directory.rfind("/")
-        covered = cut > 0 and self._is_covered(directory[:cut])
-        if not covered:
-            matched, partial = self._match_includes(directory)
-            covered = matched and not partial
-        self._covered[directory] = covered
+        while cut > 0:
+            parent = directory[:cut]
+            known = covered_memo.get(parent)
+            if known is not None:
+                covered = known
+                break
+            unknown.append(parent)
+            cut = parent.rfind("/")
+        for path in reversed(unknown):  # outermost first
+            if not covered:
+                matched, partial = self._match_includes(path)
+                covered = matched and not partial
+            covered_memo[path] = covered
         return covered

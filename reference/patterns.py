@@ -24,12 +24,17 @@ U+FFFD, so we do the same before regexp matching.
 Known gaps: ``\\p{Script}`` Unicode script classes raise ``PatternError`` (Go accepts
 them; Python's ``re`` has no script data). Unicode general categories (``\\pL``) come
 from Python's ``unicodedata`` (Unicode 14 rather than Go 1.19's Unicode 13). Go's
-"expression too large" and nesting-depth limits are not reproduced.
+"expression too large" limit is not reproduced; its nesting limit (a parse tree at
+most 1000 high, Go 1.19.2 and later) is, approximately: nested groups and
+repetitions are counted.  Nothing here recurses on a pattern's nesting (patterns
+come from the peer: the daemon sends them as ``exclude-patterns``).
 """
 
 from __future__ import annotations
 
 import re
+import sys
+import threading
 import unicodedata
 from functools import lru_cache
 
@@ -459,19 +464,42 @@ _KLIT, _KCLASS, _KANY, _KBEGIN, _KEND = "lit", "class", "any", "begin", "end"
 _KWORDB, _KNWORDB, _KCAT, _KALT, _KGROUP, _KREP = "wb", "nwb", "cat", "alt", "group", "rep"
 
 
+#: Go's regexp/syntax maxHeight: a parse tree higher than this is "expression nests too deeply".
+_MAX_HEIGHT = 1000
+# fileutils' ^...$ puts the pattern two levels down in Go's tree.
+_MAX_NESTING = _MAX_HEIGHT - 2
+
+
 def _repeat_is_valid(node: _Node, budget: int) -> bool:
     """Go rejects nested counted repeats whose product exceeds 1000."""
-    if node.kind == _KREP and node.counted:
-        most = node.rmax
-        if most == 0:
-            return True
-        if most < 0:
-            most = node.rmin
-        if most > budget:
-            return False
-        if most > 0:
-            budget //= most
-    return all(_repeat_is_valid(sub, budget) for sub in node.subs)
+    todo = [(node, budget)]
+    while todo:
+        node, budget = todo.pop()
+        if node.kind == _KREP and node.counted:
+            most = node.rmax
+            if most == 0:
+                continue
+            if most < 0:
+                most = node.rmin
+            if most > budget:
+                return False
+            if most > 0:
+                budget //= most
+        todo.extend((sub, budget) for sub in node.subs)
+    return True
+
+
+def _nesting(node: _Node) -> int:
+    """Nested groups and repetitions on the deepest path of the tree."""
+    deepest = 0
+    todo = [(node, 0)]
+    while todo:
+        node, depth = todo.pop()
+        if node.kind in (_KGROUP, _KREP):
+            depth += 1
+            deepest = max(deepest, depth)
+        todo.extend((sub, depth) for sub in node.subs)
+    return deepest
 
 
 class _GoRegexp:
@@ -791,7 +819,8 @@ def _py_char(cp: int) -> str:
     return f"\\U{cp:08x}"
 
 
-def _render(node: _Node) -> str:
+def _render_leaf(node: _Node) -> str | None:
+    """The Python text of a node without children; None for one with children."""
     kind = node.kind
     if kind == _KLIT:
         return _py_char(node.value)
@@ -816,13 +845,10 @@ def _render(node: _Node) -> str:
         return r"\b"
     if kind == _KNWORDB:
         return r"\B"
-    if kind == _KCAT:
-        return "".join(_render(sub) for sub in node.subs)
-    if kind == _KALT:
-        return "(?:" + "|".join(_render(sub) for sub in node.subs) + ")"
-    if kind == _KGROUP:
-        return "(?:" + _render(node.subs[0]) + ")"
-    # repetition
+    return None
+
+
+def _quantifier(node: _Node) -> str:
     low, high = node.rmin, node.rmax
     if high < 0:
         quant = {0: "*", 1: "+"}.get(low, f"{{{low},}}")
@@ -832,20 +858,67 @@ def _render(node: _Node) -> str:
         quant = f"{{{low}}}"
     else:
         quant = f"{{{low},{high}}}"
-    sub = node.subs[0]
-    body = _render(sub)
-    if sub.kind not in (_KLIT, _KCLASS, _KANY):
-        body = "(?:" + body + ")"  # anchors, groups and repeats need a group to be quantified
-    return body + quant + ("" if node.greedy else "?")
+    return quant + ("" if node.greedy else "?")
+
+
+def _render(root: _Node) -> str:
+    """The Python ``re`` source for a parsed Go regexp (post-order, with an explicit stack)."""
+    done: dict[int, str] = {}  # id(node) -> its text
+    todo = [(root, False)]
+    while todo:
+        node, children_done = todo.pop()
+        leaf = _render_leaf(node)
+        if leaf is not None:
+            done[id(node)] = leaf
+            continue
+        if not children_done:
+            todo.append((node, True))
+            todo.extend((sub, False) for sub in node.subs)
+            continue
+        parts = [done.pop(id(sub)) for sub in node.subs]
+        kind = node.kind
+        if kind == _KCAT:
+            text = "".join(parts)
+        elif kind == _KALT:
+            text = "(?:" + "|".join(parts) + ")"
+        elif kind == _KGROUP:
+            text = "(?:" + parts[0] + ")"
+        else:  # repetition
+            body = parts[0]
+            if node.subs[0].kind not in (_KLIT, _KCLASS, _KANY):
+                body = "(?:" + body + ")"  # anchors, groups and repeats need a group to be quantified
+            text = body + _quantifier(node)
+        done[id(node)] = text
+    return done[id(root)]
+
+
+# Python's re parses and compiles recursively (a few frames per nesting level): the
+# recursion limit is raised for a pattern Go accepts, one compile at a time.
+_COMPILE_LOCK = threading.Lock()
+
+
+def _compile_nested(source: str, nesting: int) -> re.Pattern[str]:
+    if nesting < 100:
+        return re.compile(source, re.ASCII)
+    with _COMPILE_LOCK:
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(max(limit, 200 + 6 * nesting))
+        try:
+            return re.compile(source, re.ASCII)
+        finally:
+            sys.setrecursionlimit(limit)
 
 
 @lru_cache(maxsize=4096)
 def _compile_go_regexp(source: str) -> tuple[re.Pattern[str], bool]:
     """Compile a Go regexp source; returns (python regex, anchored at the start)."""
     tree = _GoRegexp(source).parse()
+    nesting = _nesting(tree)
+    if nesting > _MAX_NESTING:
+        raise PatternError(f"error parsing regexp: expression nests too deeply: `{source}`")
     anchored = tree.kind == _KCAT and bool(tree.subs) and tree.subs[0].kind == _KBEGIN
     # re.ASCII: Go's \b and \B use ASCII word characters; nothing else we emit depends on it.
-    return re.compile(_render(tree), re.ASCII), anchored
+    return _compile_nested(_render(tree), nesting), anchored
 
 
 # ---------------------------------------------------------------------------

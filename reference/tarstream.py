@@ -12,13 +12,15 @@ import tarfile
 from typing import Callable, Iterable, Iterator
 
 from . import filemode
-from .diffcopy import Change, FileData, FileDone, ListingDone, PutEntry
+from .diffcopy import Change, FileData, FileDone, ListingDone, PutEntry, new_stat
 from .errors import ProtocolError
-from .paths import check_path_syntax
+from .paths import DEFAULT_LIMITS, LimitExceeded, ReceiveLimits, check_path_syntax, path_bytes
 from .pb.fsutil_types_pb2 import Stat
 
 BLOCK = 512
 MESSAGE_SIZE = 32 * 1024
+#: Largest pax or GNU long-name member kept in memory (Go's archive/tar: 1 MiB).
+MAX_SPECIAL_MEMBER = 1 << 20
 
 
 # -- sender -----------------------------------------------------------------
@@ -93,10 +95,13 @@ class TarReceiver:
 
     Every member name must be a clean relative path; parents the archive
     leaves out are created as 0755 directories.  No diff base: the legacy
-    protocol always transfers the whole tree.
+    protocol always transfers the whole tree.  ``limits`` apply as in the
+    DiffCopy receiver (path length, depth, entries, bytes).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limits: ReceiveLimits = DEFAULT_LIMITS) -> None:
+        self._limits = limits
+        self._bytes = 0  # member data so far, against max_transfer_bytes
         self._buf = bytearray()
         self._file: tuple[int, str] | None = None  # (id, path) of the member being read
         self._left = 0  # data bytes left in the current member
@@ -145,9 +150,7 @@ class TarReceiver:
                 del self._buf[:n]
                 self._left -= n
                 if self._special is not None:
-                    kind, _ = self._special
-                    self._special = (kind, 0)
-                    self._special_data = getattr(self, "_special_data", b"") + chunk
+                    self._special_data += chunk
                 elif self._file is not None:
                     actions.append(FileData(self._file[0], self._file[1], chunk))
                 if self._left:
@@ -193,8 +196,10 @@ class TarReceiver:
         except tarfile.HeaderError as exc:
             raise ProtocolError(f"bad tar header: {exc}") from None
         if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
+            if info.size > MAX_SPECIAL_MEMBER:
+                raise ProtocolError(f"tar header extension of {info.size} bytes, more than {MAX_SPECIAL_MEMBER}")
             self._special = (info.type, info.size)
-            self._special_data = b""
+            self._special_data = bytearray()
             self._left = info.size
             self._pad = -info.size % BLOCK
             if not self._left:
@@ -210,6 +215,7 @@ class TarReceiver:
         while path.startswith("./"):
             path = path[2:]
         check_path_syntax(path)
+        self._check_limits(path, size if info.type in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE) else 0)
         mode = filemode.permission_bits(0) | (info.mode & 0o777)
         if info.mode & 0o4000:
             mode |= filemode.MODE_SETUID
@@ -218,9 +224,13 @@ class TarReceiver:
         if info.mode & 0o1000:
             mode |= filemode.MODE_STICKY
         mode |= _TYPE_MODE.get(info.type, 0)
-        stat = Stat(path=path, mode=mode, uid=info.uid, gid=info.gid, modTime=mtime_ns)
+        stat = new_stat(path=path, mode=mode, uid=info.uid, gid=info.gid, modTime=mtime_ns)
         if info.type in (tarfile.SYMTYPE, tarfile.LNKTYPE):
-            stat.linkname = linkname
+            try:
+                stat.linkname = linkname
+            except UnicodeEncodeError:  # a target that is not UTF-8
+                stat = new_stat(path=path, mode=mode, uid=info.uid, gid=info.gid, modTime=mtime_ns,
+                                linkname=linkname)
             if info.type == tarfile.LNKTYPE:
                 check_path_syntax(linkname)
         if info.type in (tarfile.CHRTYPE, tarfile.BLKTYPE):
@@ -242,13 +252,32 @@ class TarReceiver:
             if not size:
                 self._end_member(actions)
 
+    def _check_limits(self, path: str, size: int) -> None:
+        limits = self._limits
+        depth = path.count("/") + 1
+        if depth > limits.max_depth:
+            raise LimitExceeded("max_depth", depth, limits.max_depth, path, "directory tree too deep")
+        if path_bytes(path) > limits.max_path_length:
+            raise LimitExceeded("max_path_length", path_bytes(path), limits.max_path_length, path, "path too long")
+        if self._next_id + 1 > limits.max_entries:
+            raise LimitExceeded("max_entries", self._next_id + 1, limits.max_entries, path, "too many entries")
+        if limits.max_transfer_bytes is not None:
+            self._bytes += max(size, 0)
+            if self._bytes > limits.max_transfer_bytes:
+                raise LimitExceeded("max_transfer_bytes", self._bytes, limits.max_transfer_bytes, path,
+                                    "transfer too large")
+
     def _ensure_parents(self, path: str, actions: list) -> None:
-        parts = path.split("/")[:-1]
-        for i in range(1, len(parts) + 1):
-            parent = "/".join(parts[:i])
+        start = 0
+        while True:  # each missing parent, outermost first
+            slash = path.find("/", start)
+            if slash < 0:
+                return
+            parent, start = path[:slash], slash + 1
             if parent not in self._dirs:
                 self._dirs.add(parent)
-                actions.append(PutEntry(parent, Stat(path=parent, mode=filemode.MODE_DIR | 0o755), Change.ADD, None))
+                actions.append(PutEntry(parent, new_stat(path=parent, mode=filemode.MODE_DIR | 0o755),
+                                        Change.ADD, None))
 
     def _end_member(self, actions: list) -> None:
         if self._special is not None:
@@ -258,9 +287,9 @@ class TarReceiver:
             if kind == tarfile.XHDTYPE:
                 self._pax.update(_parse_pax(data))
             elif kind == tarfile.GNUTYPE_LONGNAME:
-                self._longname = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+                self._longname = bytes(data).rstrip(b"\0").decode("utf-8", "surrogateescape")
             elif kind == tarfile.GNUTYPE_LONGLINK:
-                self._longlink = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+                self._longlink = bytes(data).rstrip(b"\0").decode("utf-8", "surrogateescape")
             return
         if self._file is not None:
             file_id, path = self._file
@@ -293,11 +322,14 @@ def _parse_pax(data: bytes) -> dict[str, str]:
         space = data.find(b" ", pos)
         if space < 0:
             break
-        length = int(data[pos:space])
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            raise ProtocolError("bad pax record") from None
         if length <= 0:
             raise ProtocolError("bad pax record")
         record = data[space + 1 : pos + length - 1]
         key, _, value = record.partition(b"=")
-        records[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
+        records[bytes(key).decode("utf-8", "surrogateescape")] = bytes(value).decode("utf-8", "surrogateescape")
         pos += length
     return records

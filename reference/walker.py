@@ -10,6 +10,11 @@ listings (not nested generators), each directory is read through its own file
 descriptor and its entries are ``lstat``-ed relative to it (a one-component
 lookup for the kernel), and Stats are filled attribute by attribute (cheaper
 than constructor keywords).
+
+Names are taken as the filesystem has them: one that is not UTF-8 gives a
+``NameStat`` (see ``diffcopy``), found by the encoding error of the first
+field it reaches, so the UTF-8 common case pays nothing for the check.  A path
+longer than PATH_MAX (a tree below a long root) is opened piece by piece.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from operator import itemgetter
 from typing import Iterator, Protocol
 
 from . import filemode
-from .diffcopy import PreviousEntry, previous_entry
+from .diffcopy import NamePacket, NameStat, PreviousEntry, previous_entry
 from .errors import SessionError
+from .paths import PATH_MAX, path_sort_key
 from .pb.fsutil_types_pb2 import Packet, Stat
 
 
@@ -60,9 +66,13 @@ def stat_from_lstat(
     with_xattrs: bool = True,
 ) -> Stat:
     """The fsutil Stat for one entry (without hardlink detection)."""
-    stat = Stat()
     uid, gid = (st.st_uid, st.st_gid) if owner is None else owner
-    _fill_stat(stat, rel_path, st, abs_path, uid, gid, with_xattrs)
+    stat = Stat()
+    try:
+        _fill_stat(stat, rel_path, st, abs_path, uid, gid, with_xattrs)
+    except UnicodeEncodeError:  # a name that is not UTF-8
+        stat = NameStat()
+        _fill_stat(stat, rel_path, st, abs_path, uid, gid, with_xattrs)
     return stat
 
 
@@ -81,7 +91,7 @@ def _fill_stat(stat: Stat, rel_path: str, st: os.stat_result, abs_path: str, uid
     if kind != _S_IFDIR:  # a directory's size is not sent
         stat.size = st.st_size
         if kind == _S_IFLNK:
-            stat.linkname = os.readlink(abs_path)
+            stat.linkname = _readlink(abs_path)
         elif kind in _DEVICE_TYPES:
             stat.devmajor, stat.devminor = filemode.dev_numbers(st.st_rdev)
     stat.modTime = st.st_mtime_ns
@@ -90,6 +100,9 @@ def _fill_stat(stat: Stat, rel_path: str, st: os.stat_result, abs_path: str, uid
         try:
             names = os.listxattr(abs_path, follow_symlinks=False)
         except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                _fill_xattrs_long(stat, abs_path)
+                return mode
             if exc.errno not in _NO_XATTR_SUPPORT:
                 raise
             names = None
@@ -101,6 +114,65 @@ def _fill_stat(stat: Stat, rel_path: str, st: os.stat_result, abs_path: str, uid
                 except OSError:
                     continue
     return mode
+
+
+# -- paths longer than PATH_MAX -------------------------------------------------------
+
+def open_long(path: str, flags: int, mode: int = 0o777) -> int:
+    """``os.open`` for an absolute path of any length: pieces shorter than PATH_MAX,
+    each opened relative to the one before (the kernel refuses longer paths)."""
+    data = os.fsencode(path)
+    fd: int | None = None
+    try:
+        while True:
+            if len(data) < PATH_MAX:
+                return os.open(data, flags, mode, dir_fd=fd)
+            cut = data.rfind(b"/", 0, PATH_MAX - 1)
+            if cut <= 0:
+                raise OSError(errno.ENAMETOOLONG, "a path component is longer than PATH_MAX", path)
+            parent = os.open(data[:cut], _DIR_FLAGS, dir_fd=fd)
+            if fd is not None:
+                os.close(fd)
+            fd, data = parent, data[cut + 1:]
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _in_parent(abs_path: str, call):
+    """``call(path)`` for a long ``abs_path``, through ``/proc/self/fd`` of its parent."""
+    parent, _, name = abs_path.rpartition("/")
+    fd = open_long(parent, _DIR_FLAGS)
+    try:
+        return call(f"/proc/self/fd/{fd}/{name}")
+    finally:
+        os.close(fd)
+
+
+def _readlink(abs_path: str) -> str:
+    try:
+        return os.readlink(abs_path)
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+    return _in_parent(abs_path, os.readlink)
+
+
+def _fill_xattrs_long(stat, abs_path: str) -> None:
+    def fill(path: str) -> None:
+        try:
+            names = os.listxattr(path, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in _NO_XATTR_SUPPORT:
+                raise
+            return
+        for name in names:
+            try:
+                stat.xattrs[name] = os.getxattr(path, name, follow_symlinks=False)
+            except OSError:
+                continue
+
+    _in_parent(abs_path, fill)
 
 
 def _checked_root(root: str) -> str:
@@ -119,10 +191,16 @@ def _listing(abs_dir: str, rel_dir: str) -> list[tuple[str, os.stat_result]]:
 
     Every entry is stat-ed now, relative to the directory's descriptor (closed
     before this returns); one that vanished in between is left out, as
-    filepath.Walk tolerates.  (str order is UTF-8 byte order.)
+    filepath.Walk tolerates.  (str order is UTF-8 byte order, except for the escaped
+    bytes of a name that is not UTF-8: such a directory is sorted by bytes.)
     """
     try:
-        fd = os.open(abs_dir, _DIR_FLAGS)
+        try:
+            fd = os.open(abs_dir, _DIR_FLAGS)
+        except OSError as exc:
+            if exc.errno != errno.ENAMETOOLONG:
+                raise
+            fd = open_long(abs_dir, _DIR_FLAGS)
     except OSError as exc:
         raise WalkError(f"cannot list {rel_dir or '.'!r}: {exc.strerror}") from None
     try:
@@ -141,19 +219,21 @@ def _listing(abs_dir: str, rel_dir: str) -> list[tuple[str, os.stat_result]]:
     finally:
         os.close(fd)
     entries.sort(key=_by_name)
+    names = "".join(map(_by_name, entries))
+    if not names.isascii():
+        try:
+            names.encode("utf-8")
+        except UnicodeEncodeError:  # escaped bytes sort by code point unlike the bytes they stand for
+            entries.sort(key=_name_bytes)
     return entries
+
+
+def _name_bytes(entry: tuple) -> bytes:
+    return entry[0].encode("utf-8", "surrogateescape")
 
 
 def _dir_prefix(abs_dir: str) -> str:
     return abs_dir if abs_dir.endswith("/") else abs_dir + "/"
-
-
-def _check_utf8(name: str) -> None:
-    """Names travel as proto3 strings: one that is not UTF-8 cannot be sent."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        raise WalkError(f"file name is not valid UTF-8: {os.fsencode(name)!r}") from None
 
 
 def walk(
@@ -186,8 +266,6 @@ def walk(
     while frames:
         entries, abs_prefix, prefix, own_depth = frames[-1]
         for name, st in entries:
-            if not name.isascii():
-                _check_utf8(name)
             rel = prefix + name
             kind = st.st_mode & _S_IFMT
             is_dir = kind == _S_IFDIR
@@ -206,18 +284,24 @@ def walk(
                 stat = packet.stat
             else:
                 stat = Stat()
-            if owner is None:
-                mode = fill_stat(stat, rel, st, abs_path, st.st_uid, st.st_gid, with_xattrs)
-            else:
-                mode = fill_stat(stat, rel, st, abs_path, owner[0], owner[1], with_xattrs)
+            uid, gid = (st.st_uid, st.st_gid) if owner is None else owner
+            first = None
             if st.st_nlink > 1 and not is_dir and kind != _S_IFLNK:
                 key = (st.st_dev, st.st_ino)
                 first = first_name_of_inode.get(key)
-                if first is None:
-                    if include:
-                        first_name_of_inode[key] = rel
-                else:
+                if first is None and include:
+                    first_name_of_inode[key] = rel
+            try:
+                mode = fill_stat(stat, rel, st, abs_path, uid, gid, with_xattrs)
+                if first is not None:
                     stat.linkname = first
+            except UnicodeEncodeError:  # a name that is not UTF-8
+                stat = NameStat()
+                mode = fill_stat(stat, rel, st, abs_path, uid, gid, with_xattrs)
+                if first is not None:
+                    stat.linkname = first
+                if as_packets:
+                    packet = NamePacket(stat)
             item = (packet, rel, mode) if as_packets else stat
             if not include:  # a directory entered only for what lies below it
                 pending_parents.append(item)
@@ -253,8 +337,6 @@ def list_diff_base(root: str) -> list[PreviousEntry]:
     while frames:
         entries, abs_prefix, prefix = frames[-1]
         for name, st in entries:
-            if not name.isascii():
-                _check_utf8(name)
             rel = prefix + name
             st_mode = st.st_mode
             kind = st_mode & _S_IFMT
@@ -265,11 +347,12 @@ def list_diff_base(root: str) -> list[PreviousEntry]:
                     linkname = first_name_of_inode.setdefault((st.st_dev, st.st_ino), rel)
                     if linkname == rel:
                         linkname = ""
-                append((rel.replace("/", "\0"), (rel, sender_mode(st_mode), st.st_uid, st.st_gid, st.st_size,
-                                                  st.st_mtime_ns, 0, 0, linkname)))
+                append((rel.replace("/", "\0") if rel.isascii() else path_sort_key(rel),
+                        (rel, sender_mode(st_mode), st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, 0, 0,
+                         linkname)))
             elif kind == _S_IFDIR:
-                append((rel.replace("/", "\0"), (rel, sender_mode(st_mode), st.st_uid, st.st_gid, 0,
-                                                  st.st_mtime_ns, 0, 0, "")))
+                append((rel.replace("/", "\0") if rel.isascii() else path_sort_key(rel),
+                        (rel, sender_mode(st_mode), st.st_uid, st.st_gid, 0, st.st_mtime_ns, 0, 0, "")))
                 abs_path = abs_prefix + name
                 frames.append((iter(_listing(abs_path, rel)), abs_path + "/", rel + "/"))
                 break
@@ -297,12 +380,23 @@ def read_chunks(abs_path: str, chunk_size: int = 32 * 1024) -> Iterator[bytes]:
 def open_chunks(abs_path: str, chunk_size: int = 32 * 1024) -> Iterator[bytes]:
     """File contents in chunks; a file that cannot be opened raises OSError at once
     (a socket, which fsutil sends as an empty regular file, reads empty)."""
-    st = os.lstat(abs_path)
-    if not _st.S_ISREG(st.st_mode):
+    try:
+        st = os.lstat(abs_path)
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+        st = _in_parent(abs_path, os.lstat)
+    if not _st.S_ISREG(st.st_mode):  # (never opened: a device may act on open)
         if _st.S_ISSOCK(st.st_mode):
             return iter(())
         raise OSError(errno.EINVAL, "not a regular file", abs_path)
-    fd = os.open(abs_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(abs_path, flags)
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+        fd = open_long(abs_path, flags)
 
     def chunks() -> Iterator[bytes]:
         try:

@@ -145,17 +145,19 @@ def _wait_no_new_threads(baseline: set, timeout: float = 5.0) -> list[str]:
 
 
 class Pair:
-    def __init__(self, server_kind: str, client_kind: str) -> None:
+    def __init__(self, server_kind: str, client_kind: str, max_receive_message: int | None = None) -> None:
         self.server_kind = server_kind
         self.client_kind = client_kind
+        # None: each transport's default (grpc-go's 4 MiB); larger for the flow-control tests
+        self.limits = {} if max_receive_message is None else {"max_receive_message": max_receive_message}
         self.handlers = Handlers()
         self.client_sock, self.server_sock = socket.socketpair()
         self.server = None
         self.client = None
 
     def start(self, server_initial: bytes = b"", client_initial: bytes = b"") -> Pair:
-        self.server = SERVERS[self.server_kind](self.server_sock, self.handlers.table(), server_initial)
-        self.client = CLIENTS[self.client_kind](self.client_sock, client_initial)
+        self.server = SERVERS[self.server_kind](self.server_sock, self.handlers.table(), server_initial, **self.limits)
+        self.client = CLIENTS[self.client_kind](self.client_sock, client_initial, **self.limits)
         return self
 
     def close(self) -> None:
@@ -261,9 +263,20 @@ def test_bidi_10000_small_messages_each_way(pair):
         stream.send(b"after close_send")
 
 
-def test_16_mib_stream_each_way_under_flow_control(pair):
-    # 64 KiB messages plus one 6 MiB message, larger than the h2 stream window
-    # (4 MiB) and than grpcio's default message limit.
+@pytest.fixture
+def roomy_pair(kinds):
+    """A pair that accepts messages up to 64 MiB, as a daemon configured past grpc-go's default would."""
+    baseline = set(threading.enumerate())
+    p = Pair(*kinds, max_receive_message=64 << 20).start()
+    yield p
+    p.close()
+    assert _wait_no_new_threads(baseline) == []
+
+
+def test_16_mib_stream_each_way_under_flow_control(roomy_pair):
+    # 64 KiB messages plus one 6 MiB message, larger than the h2 stream window (4 MiB) and than the
+    # default message limit (which tests/test_limits.py checks).
+    pair = roomy_pair
     rng = random.Random(1)
     messages = [rng.randbytes(64 << 10) for _ in range(160)] + [rng.randbytes(6 << 20)]
     sent = hashlib.sha256(b"".join(messages)).hexdigest()
@@ -750,3 +763,15 @@ def test_h2_server_close_lets_a_handler_finish_its_exchange():
             closer.join(10)
         server.close()
         theirs.close()
+
+
+def test_close_while_a_handler_thread_is_registered_but_not_started():
+    """The reader registers a handler's thread before it starts it; a close() in between must not fail with
+    'cannot join thread before it is started' (seen once in a real-peer run)."""
+    p = Pair("h2", "h2").start()
+    try:
+        pending = threading.Thread(target=lambda: None)
+        with p.server._threads_lock:
+            p.server._handler_threads.add(pending)
+    finally:
+        p.close()

@@ -1,13 +1,35 @@
-"""``python -m reference.client build [options] CONTEXT``"""
+"""``python -m reference.client build [options] CONTEXT``
+
+What can be checked before a build starts is, as the docker CLI does: secret
+files, output destinations, that the daemon can be reached.  SIGINT and
+SIGTERM end the build cleanly (the session and any partial export file go
+away) with the shell's status for the signal, not a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import stat as _st
 import sys
 
+from ..dockerhost import connect, docker_host
 from ..errors import SessionError
 from .build import Output, build, progress_for
+
+
+class _Signalled(BaseException):
+    """SIGINT or SIGTERM arrived: unwind the build like an interrupt."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_signalled(signum, frame) -> None:
+    raise _Signalled(signum)
 
 
 def _pairs(values: list[str], what: str) -> dict[str, str]:
@@ -24,7 +46,51 @@ def _secret(value: str) -> tuple[str, str]:
     fields = dict(p.split("=", 1) for p in value.split(",") if "=" in p)
     if "id" not in fields or ("src" not in fields and "source" not in fields):
         raise SystemExit(f"--secret needs id=ID,src=FILE, got {value!r}")
-    return fields["id"], fields.get("src") or fields["source"]
+    source = fields.get("src") or fields["source"]
+    try:  # up front, as the docker CLI: a build must not run with a secret that cannot be read
+        os.stat(source)
+    except OSError as exc:
+        raise SystemExit(f"error: could not parse secrets: [{value}]: failed to stat {source}: "
+                         f"{(exc.strerror or str(exc)).lower()}") from None
+    return fields["id"], source
+
+
+def _check_output(output: Output) -> None:
+    """Fail before the build when the result could not be written where asked."""
+    dest = output.dest
+    if output.type == "tar":
+        if dest == "-":
+            return
+        if os.path.isdir(dest):
+            raise SystemExit(f"error: failed to open {dest}: is a directory")
+        parent = os.path.dirname(os.path.abspath(dest))
+        if not os.path.isdir(parent):
+            raise SystemExit(f"error: failed to open {dest}: no such directory {parent}")
+        if not os.access(parent, os.W_OK):
+            raise SystemExit(f"error: failed to open {dest}: permission denied")
+        return
+    # local: dest is created (with its parents) when the export arrives
+    path = os.path.abspath(dest)
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise SystemExit(f"error: output destination {dest}: {exc.strerror}") from None
+    if not _st.S_ISDIR(st.st_mode):
+        raise SystemExit(f"error: output destination {dest}: {path} is not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: output destination {dest}: {path} is not writable")
+
+
+def _check_daemon(host: str) -> None:
+    try:
+        connect(host, timeout=10.0).close()
+    except SessionError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    except OSError as exc:
+        raise SystemExit(f"error: cannot connect to the Docker daemon at {host}: "
+                         f"{exc.strerror or exc}. Is the docker daemon running?") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,14 +119,24 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
     args = parser.parse_args(argv)
 
+    try:
+        outputs = [Output.parse(o) for o in args.output]
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    secrets = dict(_secret(s) for s in args.secret)
+    for output in outputs:
+        _check_output(output)
+    _check_daemon(docker_host())
     progress = progress_for(args.progress, sys.stderr)
+    previous = {signum: signal.signal(signum, _raise_signalled) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         result = build(
             args.context,
             tags=args.tag,
             dockerfile=args.dockerfile,
-            outputs=[Output.parse(o) for o in args.output],
-            secrets=dict(_secret(s) for s in args.secret),
+            outputs=outputs,
+            secrets=secrets,
             build_args=_pairs(args.build_arg, "--build-arg"),
             labels=_pairs(args.label, "--label"),
             target=args.target,
@@ -77,6 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     except (SessionError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except (_Signalled, KeyboardInterrupt) as exc:
+        signum = exc.signum if isinstance(exc, _Signalled) else signal.SIGINT
+        print(f"error: build cancelled by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if args.stats_json:
         with open(args.stats_json, "w") as fh:
             json.dump(result.stats_json(), fh, indent=2)

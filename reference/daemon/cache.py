@@ -17,6 +17,13 @@ other's half-synced trees.  The index is rebuilt from disk at
 start-up, so the cache survives a restart.  While the daemon runs, each
 entry also keeps its tree's listing in memory (see :mod:`.listing`): a sync
 that changes nothing then costs no walk of the tree and no disk writes.
+
+Nothing on disk can stop the daemon: at start-up every entry is checked
+(meta.json's fields and types, the tree directory) and one that is damaged
+is dropped with a log line (a partial one, left by an interrupted sync, stays a
+dangling record, see ``CacheEntry.load``);
+a tree that cannot be listed is emptied instead of failing every later build
+with its key; deletions never recurse, whatever the depth of a tree.
 """
 
 from __future__ import annotations
@@ -25,12 +32,12 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import string
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
+from ..applier import remove_tree
 from .listing import TreeListing
 
 log = logging.getLogger("reference.daemon.cache")
@@ -67,6 +74,16 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def remove_quietly(path: str) -> bool:
+    """Remove a tree, logging instead of raising; True when it is gone."""
+    try:
+        remove_tree(path)
+        return True
+    except Exception as exc:  # an entry that cannot be deleted must not fail anything else
+        log.warning("cannot remove %s: %s", path, exc)
+        return False
+
+
 @dataclass
 class EntryMeta:
     id: str
@@ -100,6 +117,42 @@ class CacheEntry:
     def marker(self) -> str:
         return os.path.join(self.base, "complete")
 
+    @classmethod
+    def load(cls, base: str, name: str) -> "CacheEntry":
+        """The entry stored at ``base``; ValueError (with the reason) when it is damaged or partial."""
+        try:
+            with open(os.path.join(base, "meta.json"), "rb") as fh:
+                data = fh.read(1 << 16)
+            meta = json.loads(data)
+        except (OSError, ValueError, RecursionError) as exc:
+            raise ValueError(f"unreadable meta.json ({exc})") from None
+        if not isinstance(meta, dict):
+            raise ValueError("meta.json is not an object")
+        expected = {f.name: f.type for f in fields(EntryMeta)}
+        if set(meta) != set(expected):
+            raise ValueError(f"meta.json has fields {sorted(meta)}")
+        for key, kind in expected.items():
+            value = meta[key]
+            ok = (isinstance(value, str) if kind == "str" else
+                  isinstance(value, (int, float)) and not isinstance(value, bool) if kind == "float" else
+                  isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+            if not ok:
+                raise ValueError(f"meta.json field {key} is {value!r}")
+        if meta["id"] != name:
+            raise ValueError("id does not match the directory")
+        tree = os.path.join(base, "tree")
+        if os.path.islink(tree) or (os.path.lexists(tree) and not os.path.isdir(tree)):
+            raise ValueError("its tree is not a directory")
+        complete = os.path.isfile(os.path.join(base, "complete"))
+        if not os.path.isdir(tree):
+            if complete:
+                os.unlink(os.path.join(base, "complete"))
+                complete = False
+            os.makedirs(tree, mode=0o755)
+        # A partial entry (a sync that never completed) stays as a dangling record: its
+        # tree is only ever a diff base, walked afresh, so the next sync corrects it exactly.
+        return cls(base, EntryMeta(**meta), complete)
+
     def save_meta(self, *, durable: bool = True) -> None:
         _write_atomic(os.path.join(self.base, "meta.json"), json.dumps(asdict(self.meta)).encode(), durable=durable)
 
@@ -125,10 +178,21 @@ class Lease:
         return self.entry.complete
 
     def listing(self) -> TreeListing:
-        """The tree's listing: the one kept since it last changed, or a fresh walk."""
+        """The tree's listing: the one kept since it last changed, or a fresh walk.
+
+        A tree that cannot be walked (damaged on disk) is emptied, with a log
+        line: the next sync then starts from nothing and is exact."""
         entry = self.entry
         if entry.listing is None:
-            entry.listing = TreeListing.of(entry.tree)
+            try:
+                entry.listing = TreeListing.of(entry.tree)
+            except Exception as exc:
+                log.warning("cache entry %s cannot be listed, emptying it: %s", entry.meta.id, exc)
+                self.begin_sync()
+                if os.path.lexists(entry.tree) and not remove_quietly(entry.tree):
+                    raise
+                os.makedirs(entry.tree, mode=0o755)
+                entry.listing = TreeListing([])
         return entry.listing
 
     def begin_sync(self) -> None:
@@ -178,24 +242,25 @@ class ContextCache:
         self._load()
 
     def _load(self) -> None:
-        for name in os.listdir(self.directory):
+        for name in sorted(os.listdir(self.directory)):
             base = os.path.join(self.directory, name)
+            if name.startswith(".deleting-") or name.endswith(".tmp"):
+                log.info("removing %s, left by an interrupted deletion", name)
+                remove_quietly(base)
+                continue
             try:
-                with open(os.path.join(base, "meta.json")) as fh:
-                    meta = EntryMeta(**json.load(fh))
-                if meta.id != name:
-                    raise ValueError("id does not match the directory")
-            except (OSError, ValueError, TypeError) as exc:
-                log.warning("removing unreadable cache entry %s: %s", name, exc)
-                shutil.rmtree(base, ignore_errors=True)
+                if os.path.islink(base) or not os.path.isdir(base):
+                    raise ValueError("not a directory")
+                entry = CacheEntry.load(base, name)
+            except ValueError as exc:
+                log.warning("dropping cache entry %s: %s", name, exc)
+                remove_quietly(base)
                 continue
             # staging left by an interrupted sync
             for leftover in os.listdir(base):
                 if leftover.startswith(".tree.incoming-") or leftover.endswith(".tmp"):
-                    path = os.path.join(base, leftover)
-                    shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
-            os.makedirs(os.path.join(base, "tree"), mode=0o755, exist_ok=True)
-            self._entries[name] = CacheEntry(base, meta, os.path.exists(os.path.join(base, "complete")))
+                    remove_quietly(os.path.join(base, leftover))
+            self._entries[name] = entry
 
     # -- leases -------------------------------------------------------------
     def acquire(self, shared_key: str, dir_name: str, purpose: str) -> Lease:
@@ -350,7 +415,7 @@ class ContextCache:
                 ids.append(entry.meta.id)
                 reclaimed += entry.meta.size
         for trash in trashes:
-            shutil.rmtree(trash, ignore_errors=True)
+            remove_quietly(trash)  # (what is left is removed at the next start)
         return ids, reclaimed
 
 

@@ -101,13 +101,14 @@ def _checks(session: Session, cancelled: threading.Event, stream) -> None:
 
 
 @contextlib.contextmanager
-def _export_call(session: Session, kind: str, cancelled: threading.Event, stall_timeout: float):
+def _export_call(session: Session, kind: str, cancelled: threading.Event, stall_timeout: float,
+                 metadata: list[tuple[str, str]] = ()):
     """A FileSend call to the client under a watchdog: yields ``(stream, record, watchdog)``,
     turns a failed call into a BuildError (or BuildCancelled) and times the export."""
     require_filesend(session)
     record = ExportRecord(kind)
     started = time.monotonic()
-    stream = session.conn.open_stream(FILESEND_DIFFCOPY, [])
+    stream = session.conn.open_stream(FILESEND_DIFFCOPY, list(metadata))  # n+1: exporter id, traceparent
     watchdog = _Watchdog(stream, session, cancelled, stall_timeout)
     try:
         with watchdog:
@@ -126,8 +127,9 @@ def _export_call(session: Session, kind: str, cancelled: threading.Event, stall_
 
 
 def export_local(session: Session, rootfs: str, *, cancelled: threading.Event, stall_timeout: float,
-                 progress: Progress | None = None) -> ExportRecord:
-    with _export_call(session, "local", cancelled, stall_timeout) as (stream, record, watchdog):
+                 progress: Progress | None = None,
+                 metadata: list[tuple[str, str]] = ()) -> ExportRecord:
+    with _export_call(session, "local", cancelled, stall_timeout, metadata) as (stream, record, watchdog):
         _send_tree(session, stream, rootfs, record, cancelled, stall_timeout, progress, watchdog)
     return record
 
@@ -213,8 +215,9 @@ def _await_end(stream, timeout: float) -> None:
 
 
 def export_tar(session: Session, rootfs: str, *, cancelled: threading.Event, stall_timeout: float,
-               progress: Progress | None = None) -> ExportRecord:
-    with _export_call(session, "tar", cancelled, stall_timeout) as (stream, record, watchdog):
+               progress: Progress | None = None,
+               metadata: list[tuple[str, str]] = ()) -> ExportRecord:
+    with _export_call(session, "tar", cancelled, stall_timeout, metadata) as (stream, record, watchdog):
         stats = list(walk(rootfs))
         record.entries = len(stats)
         batch = []

@@ -7,13 +7,15 @@ streams a whole tar; the entry is rebuilt from scratch.
 
 Every receive has a stall timeout, and every incoming path goes through the
 receiver's validator (stricter than fsutil: bare ``.``/``..`` are refused)
-and an applier that cannot write outside the entry.
+and an applier that cannot write outside the entry.  The receiver's limits
+(path length, depth, entries, bytes against the free disk space) fail the
+transfer at the STAT that exceeds them, before anything of it is written; the
+gRPC message size limit is the transport's.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,8 +24,9 @@ from typing import Callable
 from google.protobuf.message import DecodeError
 
 from .. import diffcopy as dc
-from ..applier import ApplyError, TreeApplier
+from ..applier import ApplyError, TreeApplier, disk_limits, remove_tree
 from ..errors import PeerError, ProtocolError
+from ..paths import DEFAULT_LIMITS, ReceiveLimits
 from ..pb import filesync_pb2
 from ..pb.fsutil_types_pb2 import Packet
 from ..tarstream import TarReceiver
@@ -47,6 +50,13 @@ POLL = 0.25
 END_GRACE = 5.0
 # After an ERR the sender should end its call; then we cancel it.
 REJECT_GRACE = 2.0
+# A transfer may fill the disk up to this much free space (``max_transfer_bytes`` otherwise).
+MIN_FREE_DISK = 256 << 20
+
+
+def config_limits(config) -> ReceiveLimits:
+    """The receiver's limits a DaemonConfig sets (the free disk space is added per transfer)."""
+    return ReceiveLimits(config.max_path_length, config.max_depth, config.max_entries, config.max_transfer_bytes)
 
 
 def negotiate(session: Session, daemon_protocols: tuple[str, ...], forced: str | None = None) -> str:
@@ -158,28 +168,35 @@ def sync(
     progress: Progress | None = None,
     previous: list | None = None,
     on_change: Callable[[], None] | None = None,
+    limits: ReceiveLimits | None = None,
+    wire_metadata: list[tuple[str, str]] | None = None,
+    min_free_disk: int = MIN_FREE_DISK,
 ) -> SyncRecord:
     """Make ``tree`` equal to the client's directory; raises BuildError on failure.
 
     ``previous`` is the tree's listing if the caller has it, as Stats or as
     the receiver's diff-base entries (else the tree is walked); ``on_change``
-    runs once, before anything in the tree changes.
+    runs once, before anything in the tree changes.  ``limits`` (see :func:`config_limits`)
+    default to :data:`reference.paths.DEFAULT_LIMITS`; the byte limit is at most the free
+    disk space less ``min_free_disk``.
     """
-    record = SyncRecord(request.dir_name, protocol, request.metadata())
+    # wire_metadata: what the generation sends for request.metadata() (encoded values, traceparent)
+    record = SyncRecord(request.dir_name, protocol, wire_metadata or request.metadata())
     changing = _ChangeNotice(record, on_change)
     started = time.monotonic()
     try:
-        stream = session.conn.open_stream(METHODS[protocol], request.metadata())
+        stream = session.conn.open_stream(METHODS[protocol], record.metadata)
     except RpcError as exc:
         raise BuildError(f"cannot open {protocol} stream: {exc.details or exc.code.name}") from None
     receive = _Receive(stream, session, cancelled, stall_timeout)
+    limits = disk_limits(tree, limits or DEFAULT_LIMITS, min_free_disk)
     try:
         if protocol == "diffcopy":
             if previous is None:
                 previous = list_diff_base(tree)
-            _receive_diffcopy(stream, receive, tree, record, progress, previous, changing)
+            _receive_diffcopy(stream, receive, tree, record, progress, previous, changing, limits)
         else:
-            _receive_tarstream(stream, receive, tree, record, progress, changing)
+            _receive_tarstream(stream, receive, tree, record, progress, changing, limits)
     except RpcError as exc:
         record.error = f"{_rpc_text(exc)} ({protocol} transfer of {request.dir_name or 'the context'!r})"
         raise BuildError(record.error) from None
@@ -213,14 +230,16 @@ def _reject(stream: RpcStream, reason: str) -> BuildError:
 
 
 def _receive_diffcopy(stream: RpcStream, receive: _Receive, tree: str, record: SyncRecord,
-                      progress: Progress | None, previous: list, changing: _ChangeNotice) -> None:
+                      progress: Progress | None, previous: list, changing: _ChangeNotice,
+                      limits: ReceiveLimits = DEFAULT_LIMITS) -> None:
     # the whole previous listing up front: applying changes must not disturb a walk
-    receiver = dc.DiffCopyReceiver(previous)
+    receiver = dc.DiffCopyReceiver(previous, limits=limits)
     applier = TreeApplier(tree, chown=None)
     complete = False
     unflushed = 0
     next_progress = 0
     parse_packet = Packet.FromString
+    parse_name_packet = dc.decode_name_packet
     handle_packet = receiver.receive
     try:
         while not complete:
@@ -232,7 +251,10 @@ def _receive_diffcopy(stream: RpcStream, receive: _Receive, tree: str, record: S
                     raise BuildError("the client ended the transfer without answering FIN"
                                      if receiver.state is dc.ReceiverState.FIN_SENT
                                      else "the client ended the transfer early")
-                packet = parse_packet(raw)
+                try:
+                    packet = parse_packet(raw)
+                except DecodeError:  # names that are not UTF-8 (DecodeError again if no Packet at all)
+                    packet = parse_name_packet(raw)
                 actions = handle_packet(packet)
                 for action in actions:
                     if isinstance(action, dc.FileData):
@@ -285,13 +307,17 @@ def _drain(stream: RpcStream, grace: float) -> None:
 
 
 def _receive_tarstream(stream: RpcStream, receive: _Receive, tree: str, record: SyncRecord,
-                       progress: Progress | None, changing: _ChangeNotice) -> None:
+                       progress: Progress | None, changing: _ChangeNotice,
+                       limits: ReceiveLimits = DEFAULT_LIMITS) -> None:
     # no diff base in this protocol: start from an empty tree
     changing()
-    shutil.rmtree(tree, ignore_errors=True)
-    os.makedirs(tree, mode=0o755)
+    try:
+        remove_tree(tree)
+        os.makedirs(tree, mode=0o755)
+    except OSError as exc:
+        raise BuildError(f"cannot empty the cached tree: {exc.strerror}") from None
     stream.close_send()
-    receiver = TarReceiver()
+    receiver = TarReceiver(limits)
     applier = TreeApplier(tree, chown=None)
     try:
         while True:

@@ -21,6 +21,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
+from ..applier import remove_tree
 from ..patterns import go_filepath_match
 from ..paths import path_sort_key
 
@@ -185,9 +186,7 @@ class Copier:
                 target = self.mkdir_all(dest, owner=self.chown)
                 target_rel = relative(self.rootfs, target)
                 self.changed.append(target_rel)
-                self._copy_tree(host_source, source_rel, target, target_rel)
-                # after the children, which move the directory's mtime
-                self._apply_metadata(target, st, created=True)
+                self._copy_tree(host_source, source_rel, st, target, target_rel)
             else:
                 existing = resolve_in_root(self.rootfs, dest)
                 if dest_is_dir or os.path.isdir(existing):
@@ -198,34 +197,63 @@ class Copier:
                     target = os.path.join(parent, posixpath.basename(dest))
                 self._copy_entry(host_source, source_rel, st, target, relative(self.rootfs, target))
 
-    def _copy_tree(self, source_dir: str, source_rel: str, target_dir: str, target_rel: str) -> None:
-        with os.scandir(source_dir) as it:
-            entries = sorted(it, key=lambda e: e.name)
-        for entry in entries:
-            name = entry.name
-            st = entry.stat(follow_symlinks=False)
-            self._copy_entry(entry.path, f"{source_rel}/{name}" if source_rel else name, st,
-                             os.path.join(target_dir, name), f"{target_rel}/{name}" if target_rel else name)
+    def _copy_tree(self, source_dir: str, source_rel: str, st: os.stat_result, target_dir: str,
+                   target_rel: str) -> None:
+        """Copy the entries below ``source_dir`` into the existing ``target_dir``, then give
+        it ``st``'s metadata.  A loop over a stack of directories, not recursion: a synced
+        context may be thousands of levels deep."""
+        # each frame: (entries left, source dir, its rel, target dir, its rel, its stat)
+        stack = [(iter(self._entries(source_dir)), source_dir, source_rel, target_dir, target_rel, st)]
+        while stack:
+            entries, src_dir, src_rel, dst_dir, dst_rel, dir_st = stack[-1]
+            for name, entry_st in entries:
+                source = os.path.join(src_dir, name)
+                entry_rel = f"{src_rel}/{name}" if src_rel else name
+                target = os.path.join(dst_dir, name)
+                target_entry_rel = f"{dst_rel}/{name}" if dst_rel else name
+                if _st.S_ISDIR(entry_st.st_mode):
+                    self._make_dir(target, target_entry_rel)
+                    stack.append((iter(self._entries(source)), source, entry_rel, target, target_entry_rel,
+                                  entry_st))
+                    break
+                self._copy_entry(source, entry_rel, entry_st, target, target_entry_rel)
+            else:
+                stack.pop()
+                # after the children, which move the directory's mtime
+                self._apply_metadata(dst_dir, dir_st, created=True)
 
-    def _copy_entry(self, source: str, source_rel: str, st: os.stat_result, target: str, target_rel: str) -> None:
-        mode = st.st_mode
+    @staticmethod
+    def _entries(source_dir: str) -> list[tuple[str, os.stat_result]]:
+        with os.scandir(source_dir) as it:
+            entries = [(e.name, e.stat(follow_symlinks=False)) for e in it]
+        entries.sort(key=lambda item: item[0])
+        return entries
+
+    def _make_dir(self, target: str, target_rel: str) -> None:
         try:
             existing = os.lstat(target)
         except FileNotFoundError:
             existing = None
+        if existing is not None and not _st.S_ISDIR(existing.st_mode):
+            os.unlink(target)
+            existing = None
+        if existing is None:
+            os.mkdir(target, 0o700)
+        self.changed.append(target_rel)
+
+    def _copy_entry(self, source: str, source_rel: str, st: os.stat_result, target: str, target_rel: str) -> None:
+        mode = st.st_mode
         if _st.S_ISDIR(mode):
-            if existing is not None and not _st.S_ISDIR(existing.st_mode):
-                os.unlink(target)
-                existing = None
-            if existing is None:
-                os.mkdir(target, 0o700)
-            self.changed.append(target_rel)
-            self._copy_tree(source, source_rel, target, target_rel)
-            self._apply_metadata(target, st, created=True)
+            self._make_dir(target, target_rel)
+            self._copy_tree(source, source_rel, st, target, target_rel)
             return
+        try:
+            existing = os.lstat(target)
+        except FileNotFoundError:
+            existing = None
         if existing is not None:
             if _st.S_ISDIR(existing.st_mode):
-                shutil.rmtree(target)
+                remove_tree(target)
             else:
                 os.unlink(target)
         self.changed.append(target_rel)
@@ -509,7 +537,7 @@ def extract_layer(tar_path: str, rootfs: str) -> None:
             except FileNotFoundError:
                 existing = None
             if existing is not None and not (member.isdir() and _st.S_ISDIR(existing.st_mode)):
-                shutil.rmtree(target) if _st.S_ISDIR(existing.st_mode) else os.unlink(target)
+                remove_tree(target) if _st.S_ISDIR(existing.st_mode) else os.unlink(target)
             if member.isdir():
                 if existing is None or not _st.S_ISDIR(existing.st_mode):
                     os.mkdir(target, 0o700)

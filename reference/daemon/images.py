@@ -9,6 +9,7 @@ from __future__ import annotations
 import calendar
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -21,6 +22,19 @@ _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]*)[a-z0-9]+)*"
 _DOMAIN = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?/)?"
 _REFERENCE = re.compile(rf"^({_DOMAIN}{_COMPONENT}(?:/{_COMPONENT})*)(?::([\w][\w.-]{{0,127}}))?$")
 _HEX_ID = re.compile(r"^(?:sha256:)?([0-9a-f]{1,64})$")
+
+
+log = logging.getLogger("reference.daemon.images")
+
+
+def _string_map(value) -> bool:
+    return all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+
+def _step_map(value) -> bool:
+    return all(isinstance(k, str) and isinstance(v, dict) and set(v) == {"diff_id", "size"}
+               and (v["diff_id"] is None or isinstance(v["diff_id"], str) and _HEX_ID.match(v["diff_id"]))
+               and isinstance(v["size"], int) and not isinstance(v["size"], bool) for k, v in value.items())
 
 
 class ImageNotFound(Exception):
@@ -72,18 +86,27 @@ class ImageStore:
         for path in (self.layers, self.configs):
             os.makedirs(path, mode=0o700, exist_ok=True)
         self._lock = threading.Lock()
-        self._tags: dict[str, str] = self._read_json(self._tags_path)
-        self._build_keys: dict[str, str] = self._read_json(self._keys_path)
+        self._tags: dict[str, str] = self._read_json(self._tags_path, _string_map)
+        self._build_keys: dict[str, str] = self._read_json(self._keys_path, _string_map)
         self._steps_path = os.path.join(directory, "steps.json")
-        self._steps: dict[str, dict] = self._read_json(self._steps_path)
+        self._steps: dict[str, dict] = self._read_json(self._steps_path, _step_map)
 
     @staticmethod
-    def _read_json(path: str) -> dict:
+    def _read_json(path: str, valid=lambda value: True) -> dict:
+        """A JSON object saved by us; anything damaged counts as empty (logged), never as a
+        reason not to start."""
         try:
             with open(path) as fh:
-                return dict(json.load(fh))
-        except (OSError, ValueError):
+                value = json.load(fh)
+        except FileNotFoundError:
             return {}
+        except (OSError, ValueError, RecursionError) as exc:
+            log.warning("ignoring unreadable %s: %s", path, exc)
+            return {}
+        if not isinstance(value, dict) or not valid(value):
+            log.warning("ignoring %s: not what this daemon writes", path)
+            return {}
+        return value
 
     # -- writing ------------------------------------------------------------
     def add_layer(self, tar_path: str, diff_id: str) -> None:

@@ -235,21 +235,21 @@ def _is_hex(two: bytes) -> bool:
     return len(two) == 2 and all(c in b"0123456789abcdefABCDEF" for c in two)
 
 
-def serve_h2(sock, handlers: dict[str, Handler], initial_bytes: bytes = b"") -> ServerConnection:
+def serve_h2(sock, handlers: dict[str, Handler], initial_bytes: bytes = b"", **options) -> ServerConnection:
     from . import h2grpc
-    return h2grpc.serve_h2(sock, handlers, initial_bytes)
+    return h2grpc.serve_h2(sock, handlers, initial_bytes, **options)
 
 
-def connect_h2(sock, initial_bytes: bytes = b"") -> ClientConnection:
+def connect_h2(sock, initial_bytes: bytes = b"", **options) -> ClientConnection:
     from . import h2grpc
-    return h2grpc.connect_h2(sock, initial_bytes)
+    return h2grpc.connect_h2(sock, initial_bytes, **options)
 
 
-def serve_grpcio(sock, handlers: dict[str, Handler], initial_bytes: bytes = b"") -> ServerConnection:
+def serve_grpcio(sock, handlers: dict[str, Handler], initial_bytes: bytes = b"", **options) -> ServerConnection:
     from . import grpcio_pump
-    return grpcio_pump.serve_grpcio(sock, handlers, initial_bytes)
+    return grpcio_pump.serve_grpcio(sock, handlers, initial_bytes, **options)
 
 
-def connect_grpcio(sock, initial_bytes: bytes = b"") -> ClientConnection:
+def connect_grpcio(sock, initial_bytes: bytes = b"", **options) -> ClientConnection:
     from . import grpcio_pump
-    return grpcio_pump.connect_grpcio(sock, initial_bytes)
+    return grpcio_pump.connect_grpcio(sock, initial_bytes, **options)

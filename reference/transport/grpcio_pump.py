@@ -40,11 +40,13 @@ PUMP_CHUNK = 1 << 20
 ACCEPT_TIMEOUT = 10.0
 THREAD_JOIN_TIMEOUT = 5.0
 
-# No size limit, like the h2 transport (the daemon enforces its own 4 MiB).
-_CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", -1),
-    ("grpc.max_receive_message_length", -1),
-]
+# Largest message received, grpc-go's default like the h2 transport's; sends are not limited.
+MAX_RECEIVE_MESSAGE = 4 << 20
+
+
+def _channel_options(max_receive_message: int) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", max_receive_message)]
+
 
 _END = object()  # end of a message queue
 # send() waits while more than this much is queued but not yet written.
@@ -350,7 +352,8 @@ class _ServerStream(RpcStream):
 
 
 class GrpcioServerConnection(ServerConnection):
-    def __init__(self, sock: socket.socket, handlers: dict[str, Handler], initial_bytes: bytes = b"") -> None:
+    def __init__(self, sock: socket.socket, handlers: dict[str, Handler], initial_bytes: bytes = b"",
+                 max_receive_message: int = MAX_RECEIVE_MESSAGE) -> None:
         grpc = _grpc()
         from concurrent.futures import ThreadPoolExecutor
 
@@ -365,7 +368,7 @@ class GrpcioServerConnection(ServerConnection):
         path = os.path.join(self._tmpdir, "server.sock")
         self._executor = ThreadPoolExecutor(max_workers=SERVER_WORKERS, thread_name_prefix="grpcio-server")
         self._server = grpc.server(self._executor, handlers=[_GenericHandler(self)],
-                                   options=_CHANNEL_OPTIONS + [("grpc.so_reuseport", 0)])
+                                   options=_channel_options(max_receive_message) + [("grpc.so_reuseport", 0)])
         self._server.add_insecure_port("unix:" + path)
         self._server.start()
         inner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -540,7 +543,8 @@ class _ClientStream(RpcStream):
 
 
 class GrpcioClientConnection(ClientConnection):
-    def __init__(self, sock: socket.socket, initial_bytes: bytes = b"") -> None:
+    def __init__(self, sock: socket.socket, initial_bytes: bytes = b"",
+                 max_receive_message: int = MAX_RECEIVE_MESSAGE) -> None:
         grpc = _grpc()
         sock.setblocking(True)
         self.closed = threading.Event()
@@ -555,7 +559,7 @@ class GrpcioClientConnection(ClientConnection):
             listener.settimeout(ACCEPT_TIMEOUT)
             self._channel = grpc.insecure_channel(
                 "unix:" + path,
-                options=_CHANNEL_OPTIONS + [("grpc.default_authority", "localhost")],
+                options=_channel_options(max_receive_message) + [("grpc.default_authority", "localhost")],
             )
             # Connect now, not at the first call (the peer may talk first).
             self._ready = grpc.channel_ready_future(self._channel)
@@ -611,9 +615,11 @@ class GrpcioClientConnection(ClientConnection):
             self._watcher.join()
 
 
-def serve_grpcio(sock: socket.socket, handlers: dict[str, Handler], initial_bytes: bytes = b"") -> GrpcioServerConnection:
-    return GrpcioServerConnection(sock, handlers, initial_bytes)
+def serve_grpcio(sock: socket.socket, handlers: dict[str, Handler], initial_bytes: bytes = b"",
+                 max_receive_message: int = MAX_RECEIVE_MESSAGE) -> GrpcioServerConnection:
+    return GrpcioServerConnection(sock, handlers, initial_bytes, max_receive_message)
 
 
-def connect_grpcio(sock: socket.socket, initial_bytes: bytes = b"") -> GrpcioClientConnection:
-    return GrpcioClientConnection(sock, initial_bytes)
+def connect_grpcio(sock: socket.socket, initial_bytes: bytes = b"",
+                   max_receive_message: int = MAX_RECEIVE_MESSAGE) -> GrpcioClientConnection:
+    return GrpcioClientConnection(sock, initial_bytes, max_receive_message)

@@ -66,6 +66,9 @@ READ_SIZE = 256 << 10
 SEND_BUFFER_LIMIT = 64 << 10
 # ``send_many`` hands over data in pieces of about this size.
 SEND_MANY_CHUNK = 1 << 20
+# Largest message we accept, as grpc-go's default on both sides (MaxRecvMsgSize):
+# a larger one fails its call at its 5-byte prefix, before any of it is buffered.
+MAX_RECEIVE_MESSAGE = 4 << 20
 HANDLER_JOIN_TIMEOUT = 5.0
 CLOSE_GRACE = 1.0  # for handlers still running when the server is closed
 
@@ -175,6 +178,7 @@ class _Stream(RpcStream):
         self._partial: list[bytes] = []
         self._partial_len = 0
         self._partial_need = 0  # bytes of prefix + payload of the message being assembled
+        self._max_message = conn.max_receive_message if conn is not None else MAX_RECEIVE_MESSAGE
         # Single-writer counters: backlog = queued - consumed.
         self._queued_bytes = 0
         self._consumed_bytes = 0
@@ -198,7 +202,7 @@ class _Stream(RpcStream):
         if not self._partial and size >= 5:
             # the usual case: a DATA frame holding exactly one message
             flag, length = _unpack_prefix(data, 0)
-            if size == 5 + length and not flag:
+            if size == 5 + length and not flag and length <= self._max_message:
                 self._arrived.append(data[5:])
                 self._queued_bytes += size
                 return
@@ -211,6 +215,7 @@ class _Stream(RpcStream):
                 head = b"".join(self._partial)
                 self._partial = [head]
                 flag, length = _unpack_prefix(head, 0)
+                self._check_size(length)
                 self._partial_need = 5 + length
             if self._partial_len < self._partial_need:
                 return
@@ -224,6 +229,7 @@ class _Stream(RpcStream):
             flag, length = _unpack_prefix(data, pos)
             if flag:
                 raise _CompressedMessage()
+            self._check_size(length)
             end = pos + 5 + length
             if end > size:
                 break
@@ -235,7 +241,14 @@ class _Stream(RpcStream):
             self._partial = [tail]
             self._partial_len = len(tail)
             if len(tail) >= 5:
-                self._partial_need = 5 + _unpack_prefix(tail, 0)[1]
+                length = _unpack_prefix(tail, 0)[1]
+                self._check_size(length)
+                self._partial_need = 5 + length
+
+    def _check_size(self, length: int) -> None:
+        if length > self._max_message:
+            self._partial, self._partial_len, self._partial_need = [], 0, 0
+            raise _MessageTooLarge(length, self._max_message)
 
     def _deliver(self) -> None:
         """Hand the messages parsed so far to the consumer: one wake-up per read, not per frame."""
@@ -379,6 +392,12 @@ class _CompressedMessage(Exception):
     """A message with the compressed flag: we never negotiate compression."""
 
 
+class _MessageTooLarge(Exception):
+    def __init__(self, length: int, limit: int):
+        # grpc-go's wording, so a peer's logs read the same whichever stack refused
+        super().__init__(f"grpc: received message larger than max ({length} vs. {limit})")
+
+
 class _ServerStream(_Stream):
     def __init__(self, conn, stream_id, method, metadata):
         super().__init__(conn, stream_id, method, metadata)
@@ -459,9 +478,11 @@ class _Connection:
 
     client_side: bool
 
-    def __init__(self, sock: socket.socket, initial_bytes: bytes) -> None:
+    def __init__(self, sock: socket.socket, initial_bytes: bytes,
+                 max_receive_message: int = MAX_RECEIVE_MESSAGE) -> None:
         sock.setblocking(True)
         self._sock = sock
+        self.max_receive_message = max_receive_message
         config = h2.config.H2Configuration(client_side=self.client_side, header_encoding=None)
         self._h2 = h2.connection.H2Connection(config=config)
         self._lock = threading.Lock()
@@ -628,6 +649,10 @@ class _Connection:
         except _CompressedMessage:
             self._stream_protocol_error(stream, "compressed message, but no grpc-encoding was negotiated")
             return
+        except _MessageTooLarge as exc:
+            stream._deliver()  # the messages before it still count
+            self._stream_protocol_error(stream, str(exc), StatusCode.RESOURCE_EXHAUSTED)
+            return
         self._fed_streams[stream] = None
 
     def _after_data(self, stream: _Stream) -> None:
@@ -763,7 +788,8 @@ class _Connection:
     def _on_stream_reset(self, event) -> None: ...
     def _on_goaway(self, event) -> None: ...
     def _on_other(self, event, started: list) -> None: ...
-    def _stream_protocol_error(self, stream: _Stream, details: str) -> None: ...
+    def _stream_protocol_error(self, stream: _Stream, details: str,
+                               code: StatusCode = StatusCode.INTERNAL) -> None: ...
 
 
 class H2ServerConnection(_Connection, ServerConnection):
@@ -771,11 +797,12 @@ class H2ServerConnection(_Connection, ServerConnection):
 
     client_side = False
 
-    def __init__(self, sock: socket.socket, handlers: dict[str, Handler], initial_bytes: bytes = b""):
+    def __init__(self, sock: socket.socket, handlers: dict[str, Handler], initial_bytes: bytes = b"",
+                 max_receive_message: int = MAX_RECEIVE_MESSAGE):
         self._handlers = dict(handlers)
         self._handler_threads: set[threading.Thread] = set()
         self._threads_lock = threading.Lock()
-        super().__init__(sock, initial_bytes)
+        super().__init__(sock, initial_bytes, max_receive_message)
 
     def _on_other(self, event, started: list) -> None:
         if type(event) is h2.events.RequestReceived:
@@ -869,14 +896,22 @@ class H2ServerConnection(_Connection, ServerConnection):
             stream._abort(StatusCode.CANCELLED, f"cancelled by the peer (RST_STREAM {event.error_code!s})")
             self._window_cond.notify_all()
 
-    def _stream_protocol_error(self, stream, details) -> None:
+    def _stream_protocol_error(self, stream, details, code=StatusCode.INTERNAL) -> None:
         self._streams.pop(stream.stream_id, None)
-        stream._abort(StatusCode.INTERNAL, details)
+        stream._abort(code, details)
         stream._finished = True
-        if stream._headers_sent:
-            self._reset_quietly(stream.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        if not stream._headers_sent:
+            self._send_trailers_only(stream.stream_id, code, details, stream._remote_closed)
+        elif code == StatusCode.RESOURCE_EXHAUSTED:  # a status for the peer, as grpc-go's server sends
+            trailers = [(b"grpc-status", str(int(code)).encode()),
+                        (b"grpc-message", encode_grpc_message(details).encode())]
+            try:
+                self._h2.send_headers(stream.stream_id, trailers, end_stream=True)
+            except h2.exceptions.StreamClosedError:
+                return
+            self._reset_quietly(stream.stream_id, h2.errors.ErrorCodes.NO_ERROR)
         else:
-            self._send_trailers_only(stream.stream_id, StatusCode.INTERNAL, details, stream._remote_closed)
+            self._reset_quietly(stream.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
 
     def close(self) -> None:
         # A handler may still be finishing its exchange when the build is answered (an export
@@ -891,7 +926,9 @@ class H2ServerConnection(_Connection, ServerConnection):
             threads = list(self._handler_threads)
         deadline = time.monotonic() + timeout
         for thread in threads:
-            if thread is not threading.current_thread():
+            # A handler thread is registered before the reader starts it (after the frames of one read
+            # are dispatched): one not started yet has nothing to wait for.
+            if thread is not threading.current_thread() and thread.ident is not None:
                 thread.join(max(0.0, deadline - time.monotonic()))
 
 
@@ -1013,21 +1050,25 @@ class H2ClientConnection(_Connection, ClientConnection):
             stream._finish(StatusCode.UNAVAILABLE, "the server sent GOAWAY before handling the call")
         self._window_cond.notify_all()
 
-    def _stream_protocol_error(self, stream, details) -> None:
+    def _stream_protocol_error(self, stream, details, code=StatusCode.INTERNAL) -> None:
         self._streams.pop(stream.stream_id, None)
-        stream._finish(StatusCode.INTERNAL, details)
+        stream._finish(code, details)
         stream._local_closed = True
-        self._reset_quietly(stream.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        # grpc-go cancels a call whose message it refused; anything else is the peer's protocol error
+        self._reset_quietly(stream.stream_id, h2.errors.ErrorCodes.CANCEL if code == StatusCode.RESOURCE_EXHAUSTED
+                            else h2.errors.ErrorCodes.PROTOCOL_ERROR)
 
     def close(self) -> None:
         self._shutdown()
 
 
-def serve_h2(sock: socket.socket, handlers: dict[str, Handler], initial_bytes: bytes = b"") -> H2ServerConnection:
+def serve_h2(sock: socket.socket, handlers: dict[str, Handler], initial_bytes: bytes = b"",
+             max_receive_message: int = MAX_RECEIVE_MESSAGE) -> H2ServerConnection:
     """Serve gRPC ``handlers`` on a hijacked socket whose peer is the gRPC client."""
-    return H2ServerConnection(sock, handlers, initial_bytes)
+    return H2ServerConnection(sock, handlers, initial_bytes, max_receive_message)
 
 
-def connect_h2(sock: socket.socket, initial_bytes: bytes = b"") -> H2ClientConnection:
+def connect_h2(sock: socket.socket, initial_bytes: bytes = b"",
+               max_receive_message: int = MAX_RECEIVE_MESSAGE) -> H2ClientConnection:
     """Be the gRPC client on a hijacked socket whose peer serves gRPC."""
-    return H2ClientConnection(sock, initial_bytes)
+    return H2ClientConnection(sock, initial_bytes, max_receive_message)
