@@ -9,7 +9,6 @@ expected-to-fail by requirement ID.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
@@ -39,6 +38,7 @@ class DaemonSpec:
     generation: str = "n+1"  # "auto": as detected (conformance.identify), else n+1
     transport: str = "h2"
     peer: str | None = None  # a daemon of the peers catalogue, started privately for the run
+    daemon_args: tuple[str, ...] = ()  # extra options of an embedded reference daemon (e.g. faster timers)
 
     @property
     def id(self) -> str:
@@ -78,12 +78,19 @@ def peer_daemon_spec(name: str, generation: str = "auto") -> DaemonSpec:
     return DaemonSpec(name, generation=generation, peer=name)
 
 
+# The embedded n+1 daemon runs dockerd 26.1's session schedule faster: health checks every 1 s instead of 5 s,
+# and a 2.5 + 2.5 s session wait instead of 5 + 5 s. It reports its timers on /version, and the timing cases
+# judge it by them (DaemonTarget.timing); its defaults are dockerd 26.1's (reference/daemon/config.py).
+EMBEDDED_N_PLUS_1_TIMERS = ("--health-interval", "1", "--health-timeout", "6",
+                            "--session-wait", "2.5", "--session-group-wait", "2.5")
+
+
 # One embedded pair per generation; generation n runs on the grpcio transport, so that the independent
 # second gRPC stack is graded by the whole suite too (the transports are orthogonal to the generations).
 def embedded_daemon_specs() -> list[DaemonSpec]:
     return [DaemonSpec("reference-n-1", generation="n-1"),
             DaemonSpec("reference-n-grpcio", generation="n", transport="grpcio"),
-            DaemonSpec("reference-n+1", generation="n+1")]
+            DaemonSpec("reference-n+1", generation="n+1", daemon_args=EMBEDDED_N_PLUS_1_TIMERS)]
 
 
 def embedded_client_specs() -> list[ClientSpec]:
@@ -120,6 +127,14 @@ class DaemonTarget:
     @property
     def family(self) -> str | None:
         return family_of(self.implementation)
+
+    @property
+    def timing(self):
+        """The session timers the daemon runs (health schedule, session waits) and the windows the timing
+        cases judge them by: its generation's, or those an embedded reference daemon reports."""
+        from .harness.daemon_probes import daemon_timing
+
+        return daemon_timing(self)
 
     def alive(self) -> bool:
         """Whether the daemon still answers (a destructive case may have killed it)."""
@@ -166,7 +181,7 @@ def start_reference_daemon(spec: DaemonSpec, timeout: float = 30.0) -> DaemonTar
     log_path = os.path.join(root, "daemon.log")
     log = open(log_path, "wb")
     cmd = [sys.executable, "-m", "reference.daemon", "--host", f"unix://{sock}", "--root", os.path.join(root, "root"),
-           "--generation", spec.generation, "--transport", spec.transport]
+           "--generation", spec.generation, "--transport", spec.transport, *spec.daemon_args]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
     host = f"unix://{sock}"

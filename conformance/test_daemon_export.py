@@ -7,15 +7,18 @@ The suite plays the client: a recording receiver takes the daemon's packets on
 from __future__ import annotations
 
 import os
-import tarfile
 import tempfile
+import tarfile
 
 import pytest
 
 from reference import filemode
-from reference.client.services import FILESEND_DIFFCOPY, FILESYNC_DIFFCOPY, HEALTH_CHECK, HEALTH_WATCH
+from reference.client.services import (
+    FILESEND_DIFFCOPY, FILESYNC_DIFFCOPY, HEALTH_CHECK, HEALTH_WATCH, tar_export_handler,
+)
 from reference.paths import path_sort_key
 
+from .harness.daemon_probes import rule_for
 from .harness.recording import receive_tree
 from .harness.scripted_client import make_context, run_build
 from .outcomes import expect
@@ -66,17 +69,34 @@ def recorded_export(request):
     return get
 
 
-@requirement("FILESEND-LOCAL-1", "DIFFCOPY-LIST-1", "DIFFCOPY-LIST-2", "DIFFCOPY-ORDER-1", "DIFFCOPY-ORDER-2",
-             "DIFFCOPY-FIN-2", "DIFFCOPY-DATA-1", "DIFFCOPY-DATA-2")
+def check_filesend_metadata(daemon, metadata, transcript) -> None:
+    """Generation n: no metadata (FILESEND-LOCAL-1); n+1: the exporter's index, maybe a traceparent
+    (FILESEND-LOCAL-5)."""
+    import re
+
+    custom = [(k, v) for k, v in metadata if k not in ("user-agent",) and not k.startswith(":")]
+    if daemon.generation != "n+1":
+        expect("FILESEND-LOCAL-1", not custom, "no metadata on the call", custom, transcript)
+        return
+    ids = [v for k, v in custom if k == "buildkit-attachable-exporter-id"]
+    expect("FILESEND-LOCAL-5", ids == ["0"], "buildkit-attachable-exporter-id: 0 (the only output)", custom,
+           transcript)
+    parents = [v for k, v in custom if k == "traceparent"]
+    expect("FILESEND-LOCAL-5", len(parents) <= 1 and all(
+        re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}", p) for p in parents),
+        "at most one traceparent, in the W3C form", parents, transcript)
+
+
+@requirement("FILESEND-LOCAL-1", "FILESEND-LOCAL-5", "DIFFCOPY-LIST-1", "DIFFCOPY-LIST-2", "DIFFCOPY-ORDER-1",
+             "DIFFCOPY-ORDER-2", "DIFFCOPY-FIN-2", "DIFFCOPY-DATA-1", "DIFFCOPY-DATA-2")
 def test_local_export_is_a_well_formed_diffcopy(daemon, recorded_export):
     needs_n_plus_1(daemon)
+    rule = rule_for(daemon, "filesend-local")
     ctx, obs, metadata, result = recorded_export(daemon)
-    expect("FILESEND-LOCAL-1", obs.ok and result is not None, "the build and its export succeed", obs.describe())
+    expect(rule, obs.ok and result is not None, "the build and its export succeed", obs.describe())
     transcript = result.transcript
-    expect("FILESEND-LOCAL-1", result.error is None and result.status and result.status.startswith("complete"),
+    expect(rule, result.error is None and result.status and result.status.startswith("complete"),
            "a complete DiffCopy exchange", (result.error, result.status), transcript)
-    custom = [(k, v) for k, v in metadata if k not in ("user-agent",) and not k.startswith(":")]
-    expect("FILESEND-LOCAL-1", not custom, "no metadata on the call", custom, transcript)
     paths = [s.path for s in result.stats]
     expect("DIFFCOPY-LIST-1", "" not in paths and "." not in paths and len(paths) == len(set(paths)),
            "one STAT per entry, none for the root", paths, transcript)
@@ -100,6 +120,7 @@ def test_local_export_is_a_well_formed_diffcopy(daemon, recorded_export):
         snapshot(ctx, owner=(os.getuid(), os.getgid()), with_mtime_of_dirs=False, with_xattrs=False),
         snapshot(result.dest, owner=(os.getuid(), os.getgid()), with_mtime_of_dirs=False, with_xattrs=False))
     expect("DIFFCOPY-DATA-1", not diff, "the exported tree equals the context (owner mapped)", diff, transcript)
+    check_filesend_metadata(daemon, metadata, transcript)
 
 
 @requirement("STAT-MODE-1", "STAT-MODE-2", "STAT-TIME-1", "STAT-SIZE-1", "STAT-LINK-1", "STAT-LINK-2",
@@ -146,14 +167,21 @@ def test_local_export_half_closes_after_fin(daemon, recorded_export):
            result.status, result.transcript)
 
 
-@requirement("FILESEND-TAR-1")
+@requirement("FILESEND-TAR-1", "FILESEND-LOCAL-5")
 def test_tar_export_is_raw_bytes_then_half_close(daemon):
     needs_n_plus_1(daemon)
     ctx = make_context({"a.txt": "a", "d/b": os.urandom(100_000)})
     os.symlink("a.txt", os.path.join(ctx, "l"))
     out = os.path.join(tempfile.mkdtemp(prefix="conf-out-"), "out.tar")
-    obs = run_build(daemon.host, ctx, output=("tar", out))
-    tar_streams = [s for s in obs.streams if s.method == FILESEND_DIFFCOPY]
+    seen: dict = {}
+    tar_streams: list = []
+    export = tar_export_handler(out, tar_streams.append)
+
+    def recording_export(stream):
+        seen["metadata"] = list(stream.metadata)
+        export(stream)
+
+    obs = run_build(daemon.host, ctx, output=("tar", out), handler_overrides={FILESEND_DIFFCOPY: recording_export})
     expect("FILESEND-TAR-1", obs.ok and tar_streams and not tar_streams[0].error,
            "the export ends after the daemon half-closes", (obs.describe(), tar_streams))
     with tarfile.open(out) as tar:
@@ -164,6 +192,8 @@ def test_tar_export_is_raw_bytes_then_half_close(daemon):
     with open(os.path.join(ctx, "d/b"), "rb") as fh:
         expect("FILESEND-TAR-1", content == fh.read(), "file contents intact", "different")
     expect("FILESEND-TAR-1", members["l"].issym() and members["l"].linkname == "a.txt", "the symlink", members["l"])
+    if daemon.generation == "n+1":  # FILESEND-LOCAL-5 names the tar export's call too
+        check_filesend_metadata(daemon, seen.get("metadata", []), [obs.describe()])
 
 
 @requirement("FILESEND-2")

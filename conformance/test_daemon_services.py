@@ -17,6 +17,7 @@ import pytest
 from reference.client.services import SECRETS_GET
 from reference.transport.base import RpcError, StatusCode
 
+from .harness.daemon_probes import shell_image
 from .harness.scripted_client import make_context, run_build
 from .outcomes import expect
 
@@ -26,35 +27,6 @@ requirement = pytest.mark.requirement
 def needs_n_plus_1(daemon) -> None:
     if daemon.generation == "n-1":
         pytest.skip("secrets are generation n and later; the target is generation n-1")
-
-
-SHELL_TAG = "conf-daemon-busybox:latest"
-_built: set[str] = set()
-
-
-def shell_image(daemon) -> str:
-    """A busybox image on the daemon (built once per daemon through a session build)."""
-    if daemon.host in _built:
-        return SHELL_TAG
-    from pathlib import Path
-
-    from .realpeers import BUSYBOX_STATIC, _write_busybox_rootfs
-
-    if not os.access(BUSYBOX_STATIC, os.X_OK):
-        pytest.skip(f"{BUSYBOX_STATIC} is missing: no image with a shell can be built offline")
-    ctx = make_context({}, dockerfile="FROM scratch\nCOPY rootfs/ /\nENV PATH=/bin\n")
-    _write_busybox_rootfs(Path(ctx) / "rootfs")
-    obs = run_build(daemon.host, ctx, query={"t": SHELL_TAG})
-    if not obs.ok:
-        pytest.skip(f"the daemon cannot build the busybox image needed for RUN steps: {obs.error}")
-    probe = run_build(daemon.host, make_context({}, dockerfile=f"FROM {SHELL_TAG}\nRUN /bin/true\n"),
-                      query={"networkmode": "none", "nocache": "1"}, hang_timeout=10)
-    if not probe.ok:
-        from .outcomes import unsupported
-
-        unsupported(f"the daemon cannot run a RUN step on a local image, which secret mounts need: {probe.error}")
-    _built.add(daemon.host)
-    return SHELL_TAG
 
 
 def _dockerfile(daemon, required: bool) -> str:

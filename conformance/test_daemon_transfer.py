@@ -7,8 +7,8 @@ daemon's FileSync calls; incremental cases build twice with one shared key.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
+import shutil
 
 import pytest
 
@@ -16,7 +16,7 @@ from reference.client.services import FILESYNC_DIFFCOPY
 from reference.session import new_session_id
 from reference.transport.base import RpcError, StatusCode
 
-from .harness.daemon_probes import FileSyncRouter, tree_of
+from .harness.daemon_probes import FileSyncRouter, rule_for, tree_of
 from .harness.scripted_client import make_context, run_build
 from .outcomes import expect
 from .trees import diff_snapshots, snapshot
@@ -40,8 +40,9 @@ def build_recorded(daemon, ctx, *, shared_key=None, output=None, query=None):
 
 
 def context_requests(router: FileSyncRouter) -> list[str]:
-    """Paths the daemon requested on the `context` transfers (the .dockerignore probe included)."""
-    return sorted(p for s in router.streams if s.dir_name == "context" for p in s.requested)
+    """Paths the daemon requested on the main context transfer (not the Dockerfile's, not the .dockerignore
+    probe's: dockerd 26.1 transfers those two without a diff base, INCREMENTAL-8)."""
+    return sorted(p for c in router.calls if c.main_context for p in c.requested or [])
 
 
 def export_equals_context(ctx: str, dest: str) -> list[str]:
@@ -52,17 +53,18 @@ def export_equals_context(ctx: str, dest: str) -> list[str]:
 
 # -- metadata and .dockerignore ---------------------------------------------------------------
 
-@requirement("DOCKERIGNORE-1", "DOCKERIGNORE-3", "META-1")
+@requirement("DOCKERIGNORE-1", "DOCKERIGNORE-3", "META-1", "META-ENCODE-1")
 def test_dockerignore_is_read_first_and_parsed_into_excludes(daemon):
     needs_n_plus_1(daemon)
+    meta_rule = rule_for(daemon, "filesync-metadata")
     ignore = "\ufeff*.tmp\n# a comment\n\n   *.log   \n!keep.log\n/build/\nsub/../other\n#!not-a-rule\n"
     ctx = make_context({".dockerignore": ignore, "a.txt": "a", "x.log": "x", "keep.log": "k"})
     obs, router = build_recorded(daemon, ctx)
     assert obs.ok, f"harness: the build should succeed: {obs.describe()}"
     calls = [(c.dir_name, c.metadata) for c in router.calls]
     for c in router.calls:
-        expect("META-1", len(metadata_values_of(c, "dir-name")) == 1, "exactly one dir-name per call", c.metadata)
-        expect("META-1", all(k == k.lower() for k, _ in c.metadata), "lower-case keys", c.metadata)
+        expect(meta_rule, len(metadata_values_of(c, "dir-name")) == 1, "exactly one dir-name per call", c.metadata)
+        expect(meta_rule, all(k == k.lower() for k, _ in c.metadata), "lower-case keys", c.metadata)
     probes = [i for i, c in enumerate(router.calls)
               if c.dir_name == "context" and metadata_values_of(c, "followpaths") == [".dockerignore"]]
     mains = [i for i, c in enumerate(router.calls)
@@ -76,19 +78,74 @@ def test_dockerignore_is_read_first_and_parsed_into_excludes(daemon):
 
 
 def metadata_values_of(call, key: str) -> list[str]:
+    """The values of ``key`` as the daemon meant them (generation n+1's encoding undone)."""
+    return call.values(key)
+
+
+def raw_values_of(call, key: str) -> list[str]:
     return [v for k, v in call.metadata if k == key]
 
 
 @requirement("META-1")
 def test_non_ascii_patterns_are_sent_unchanged(daemon):
     needs_n_plus_1(daemon)
+    if daemon.generation == "n+1":
+        pytest.skip("generation n+1 percent-encodes non-ASCII values (META-ENCODE-1, "
+                    "test_non_ascii_metadata_is_percent_encoded_per_key)")
     ctx = make_context({".dockerignore": "日本/*\né?\n", "日本/x": "x", "éa": "e", "a": "a"})
     obs, router = build_recorded(daemon, ctx)
-    mains = [c for c in router.calls if c.dir_name == "context"
-             and metadata_values_of(c, "followpaths") != [".dockerignore"]]
-    excludes = metadata_values_of(mains[0], "exclude-patterns") if mains else None
+    mains = [c for c in router.calls if c.main_context]
+    excludes = raw_values_of(mains[0], "exclude-patterns") if mains else None
     expect("META-1", obs.ok and excludes == ["日本/*", "é?"], "non-ASCII patterns reach the client unchanged",
            (obs.describe(), excludes))
+
+
+# what Go's url.QueryEscape makes of these: every byte but [A-Za-z0-9-_.~] as %XX, a space as '+'
+ESCAPED = {"日本/*": "%E6%97%A5%E6%9C%AC%2F%2A", "x y": "x+y", "c+d": "c%2Bd", "e%41": "e%2541", "!k.log": "%21k.log"}
+
+
+@requirement("META-ENCODE-1")
+def test_non_ascii_metadata_is_percent_encoded_per_key(daemon):
+    needs_n_plus_1(daemon)
+    if daemon.generation != "n+1":
+        pytest.skip("generation n sends metadata values raw (META-1, test_non_ascii_patterns_are_sent_unchanged)")
+    transcript = []
+    # a key with one non-ASCII value: every value of it escaped, and the marker
+    mixed = ["日本/*", "x y", "c+d", "e%41", "!k.log"]
+    ctx = make_context({".dockerignore": "".join(p + "\n" for p in mixed), "a": "a"})
+    obs, router = build_recorded(daemon, ctx)
+    mains = [c for c in router.calls if c.main_context]
+    transcript += [f"{c.dir_name}: {c.metadata}" for c in router.calls]
+    main = mains[0] if mains else None
+    expect("META-ENCODE-1", obs.ok and main is not None, "the build succeeds", obs.describe(), transcript)
+    expect("META-ENCODE-1", raw_values_of(main, "exclude-patterns") == [ESCAPED[p] for p in mixed],
+           "every value of exclude-patterns escaped as Go's url.QueryEscape does (space as '+', '%' as %25)",
+           raw_values_of(main, "exclude-patterns"), transcript)
+    expect("META-ENCODE-1", raw_values_of(main, "exclude-patterns-encoded") == ["1"],
+           "the marker exclude-patterns-encoded: 1", raw_values_of(main, "exclude-patterns-encoded"), transcript)
+    expect("META-ENCODE-1", not raw_values_of(main, "dir-name-encoded") and raw_values_of(main, "dir-name") == ["context"],
+           "an all-ASCII key (dir-name) raw and without a marker", main.metadata, transcript)
+    # all-ASCII values go out raw, '%' and '+' included
+    ascii_only = ["x y", "c+d", "e%41"]
+    ctx = make_context({".dockerignore": "".join(p + "\n" for p in ascii_only), "a": "a"})
+    obs, router = build_recorded(daemon, ctx)
+    mains = [c for c in router.calls if c.main_context]
+    transcript += [f"{c.dir_name}: {c.metadata}" for c in router.calls]
+    expect("META-ENCODE-1", obs.ok and mains and raw_values_of(mains[0], "exclude-patterns") == ascii_only
+           and not raw_values_of(mains[0], "exclude-patterns-encoded"),
+           "all-ASCII patterns raw, without a marker", mains[0].metadata if mains else obs.describe(), transcript)
+    # the MAY: a traceparent, one trace per build and a new span per call
+    parents = [raw_values_of(c, "traceparent") for c in router.calls]
+    if any(parents):
+        import re
+
+        well_formed = all(len(p) == 1 and re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}", p[0])
+                          for p in parents)
+        traces = {p[0].split("-")[1] for p in parents if p}
+        spans = [p[0].split("-")[2] for p in parents if p]
+        expect("META-ENCODE-1", well_formed and len(traces) == 1 and len(set(spans)) == len(spans),
+               "a W3C traceparent on every FileSync call: one trace ID for the build, a new span ID per call",
+               parents, transcript)
 
 
 @requirement("DOCKERIGNORE-1", "META-1")
@@ -97,14 +154,12 @@ def test_no_dockerignore_means_no_exclude_patterns(daemon):
     ctx = make_context({"a.txt": "a"})
     obs, router = build_recorded(daemon, ctx)
     assert obs.ok, f"harness: the build should succeed: {obs.describe()}"
-    mains = [c for c in router.calls if c.dir_name == "context"
-             and metadata_values_of(c, "followpaths") != [".dockerignore"]]
+    mains = [c for c in router.calls if c.main_context]
     expect("DOCKERIGNORE-1", len(mains) == 1 and not metadata_values_of(mains[0], "exclude-patterns"),
            "one context transfer without exclude-patterns", [c.metadata for c in mains])
     ctx2 = make_context({"a.txt": "a", ".dockerignore": "# only a comment\n\n"})
     obs, router = build_recorded(daemon, ctx2)
-    mains = [c for c in router.calls if c.dir_name == "context"
-             and metadata_values_of(c, "followpaths") != [".dockerignore"]]
+    mains = [c for c in router.calls if c.main_context]
     expect("DOCKERIGNORE-1", obs.ok and len(mains) == 1 and not metadata_values_of(mains[0], "exclude-patterns"),
            "an ignore file without patterns gives no exclude-patterns", [c.metadata for c in mains])
 
@@ -129,8 +184,7 @@ def test_dockerfile_specific_ignore_file_wins(daemon):
                         "Dockerfile.dockerignore": "a.txt\n"})
     dest = tempfile.mkdtemp(prefix="conf-out-")
     obs, router = build_recorded(daemon, ctx, output=dest)
-    mains = [c for c in router.calls if c.dir_name == "context"
-             and metadata_values_of(c, "followpaths") != [".dockerignore"]]
+    mains = [c for c in router.calls if c.main_context]
     excludes = metadata_values_of(mains[0], "exclude-patterns") if mains else None
     expect("DOCKERIGNORE-2", obs.ok and excludes == ["a.txt"],
            "the context is sent with the patterns of Dockerfile.dockerignore", (obs.describe(), excludes))
@@ -237,6 +291,35 @@ def test_content_is_not_compared_only_size_and_mtime(daemon):
            (second.describe(), requested))
     expect("INCREMENTAL-1", tree_of(dest).get("b.txt", (None,))[-1] == b"content of b.txt\n",
            "the daemon keeps its earlier copy of that file", tree_of(dest).get("b.txt"))
+
+
+@requirement("INCREMENTAL-2", "INCREMENTAL-8")
+def test_dockerfile_and_dockerignore_transfers_on_an_unchanged_rebuild(daemon):
+    """The two small transfers before the context: dockerd 20.10 diffs them like the context (nothing
+    requested the second time), dockerd 26.1 transfers them without a diff base (every file again)."""
+    needs_n_plus_1(daemon)
+    ctx = _base_context()
+    # (no Dockerfile.dockerignore: with one, dockerd 26.1 skips the context's .dockerignore transfer)
+    _write(ctx, ".dockerignore", b"*.tmp\n", 1_600_000_000_000_000_000)
+    key = "conf-incr-" + new_session_id()
+    first, _ = build_recorded(daemon, ctx, shared_key=key)
+    assert first.ok, f"harness: the first build should succeed: {first.describe()}"
+    second, router = build_recorded(daemon, ctx, shared_key=key)
+    assert second.ok, f"harness: the second build should succeed: {second.describe()}"
+    calls = {("dockerfile" if c.dir_name == "dockerfile" else "probe" if not c.main_context else "context"):
+             sorted(c.requested or []) for c in router.calls}
+    transcript = [f"{c.dir_name} {c.values('followpaths')}: requested {c.requested}" for c in router.calls]
+    expect("INCREMENTAL-2", calls.get("context") == [], "the main context transfer requests nothing",
+           calls, transcript)
+    listed = {"dockerfile": ["Dockerfile"], "probe": [".dockerignore"]}
+    for name, files in listed.items():
+        got = calls.get(name)
+        if daemon.generation == "n+1":
+            expect("INCREMENTAL-8", got in ([], files),
+                   f"the {name} transfer requests nothing (a diff base) or every listed file {files} (none)",
+                   got, transcript)
+        else:
+            expect("INCREMENTAL-2", got == [], f"the {name} transfer requests nothing", got, transcript)
 
 
 @requirement("INCREMENTAL-7", "INCREMENTAL-3")

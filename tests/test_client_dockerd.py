@@ -142,14 +142,14 @@ def test_secret_readable_from_run_mount(dockerd, shell_image, tmp_path):
     assert "/moby.buildkit.secrets.v1.Secrets/GetSecret" in result.calls
 
 
-def test_generation_n_fails_fast_against_dockerd(dockerd, context):
-    # Generation n sends the 2017 request (Dockerfile as body, no version=2): dockerd 20.10
+def test_generation_n_minus_1_fails_fast_against_dockerd(dockerd, context):
+    # Generation n-1 sends the 2017 request (Dockerfile as body, no version=2): dockerd 20.10
     # refuses it at once; with the new request but tarstream only, it has no local source.
     started = time.monotonic()
     with pytest.raises(SessionError, match="v1 builder is no longer supported"):
-        _build(dockerd, context, generation="n")
+        _build(dockerd, context, generation="n-1")
     with pytest.raises(BuildError, match="no local sources enabled"):
-        _build(dockerd, context, generation="n+1", filesync=("tarstream",))
+        _build(dockerd, context, generation="n", filesync=("tarstream",))
     assert time.monotonic() - started < 15
 
 

@@ -1,5 +1,7 @@
 """The reference daemon pulls FROM a real registry, resolving auth through the client's session:
-our client n/n+1 x our daemon n/n+1, with Basic and token auth, asserting which Auth RPCs ran."""
+our client x our daemon of every generation that can build together (a generation n-1 client serves only
+TarStream, which the real generations' daemons do not speak), with Basic and token auth, asserting which Auth
+RPCs ran."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ PULLED = {"base/hello.txt": b"hello from the base image\n"}
 AUTH = "/moby.filesync.v1.Auth/"
 
 
-@pytest.fixture(scope="module", params=["n", "n+1"])
+@pytest.fixture(scope="module", params=["n-1", "n", "n+1"])
 def our_daemon(request):
     target = start_reference_daemon(DaemonSpec(f"reference-{request.param}", generation=request.param))
     yield target
@@ -45,8 +47,8 @@ def _build(daemon, tmp_path, image: str, client_generation: str):
     (ctx / "Dockerfile").write_text(f"FROM {image}\nCOPY x /x\n")
     (ctx / "x").write_text("from the context\n")
     out = tmp_path / "out"
-    # generation n uses the 2017 request, which has no export: check the image instead
-    outputs = [Output("local", str(out))] if client_generation == "n+1" else []
+    # generation n-1 uses the 2017 request, which has no export: check the image instead
+    outputs = [Output("local", str(out))] if client_generation != "n-1" else []
     result = build(str(ctx), host=daemon.host, generation=client_generation, outputs=outputs,
                    no_cache=True, timeout=60, hang_timeout=10)
     if outputs:
@@ -55,29 +57,41 @@ def _build(daemon, tmp_path, image: str, client_generation: str):
     return [c[len(AUTH):] for c in result.calls if c.startswith(AUTH)], result
 
 
-@pytest.mark.parametrize("client_generation", ["n", "n+1"])
+def _compatible(daemon_generation: str, client_generation: str) -> bool:
+    return client_generation != "n-1" or daemon_generation == "n-1"
+
+
+@pytest.mark.parametrize("client_generation", ["n-1", "n", "n+1"])
 def test_token_auth_matrix(our_daemon, client_generation, docker_config, token_registry, tmp_path):
+    if not _compatible(our_daemon.generation, client_generation):
+        with pytest.raises(BuildError, match="no common file sync protocol"):
+            _build(our_daemon, tmp_path, token_registry.pushed.reference, client_generation)
+        return
     docker_config(token_registry.host)
     calls, result = _build(our_daemon, tmp_path, token_registry.pushed.reference, client_generation)
     seen = token_registry.tokens.requests
     assert seen, "nobody fetched a token"
-    if our_daemon.generation == "n+1" and client_generation == "n+1":
+    if our_daemon.generation != "n-1" and client_generation != "n-1":
         # the client is the token authority: it fetches (the daemon never saw the password,
         # so the authenticated token requests can only be the client's)
         assert calls[:2] == ["GetTokenAuthority", "FetchToken"] and "Credentials" not in calls
         assert all(r.user == USER for r in seen)
     else:
-        # a generation n client serves only Credentials; a generation n daemon asks only for them
+        # a generation n-1 client serves only Credentials; a generation n-1 daemon asks only for them
         assert "Credentials" in calls and "FetchToken" not in calls
         assert all(r.user == USER for r in seen)
-    if our_daemon.generation == "n":
+    if our_daemon.generation == "n-1":
         assert "GetTokenAuthority" not in calls
-    if client_generation == "n+1":
+    if client_generation != "n-1":
         assert result.image_id is None  # exported, not committed
 
 
-@pytest.mark.parametrize("client_generation", ["n", "n+1"])
+@pytest.mark.parametrize("client_generation", ["n-1", "n", "n+1"])
 def test_basic_auth_matrix(our_daemon, client_generation, docker_config, basic_registry, tmp_path):
+    if not _compatible(our_daemon.generation, client_generation):
+        with pytest.raises(BuildError, match="no common file sync protocol"):
+            _build(our_daemon, tmp_path, basic_registry.pushed.reference, client_generation)
+        return
     docker_config(basic_registry.host)
     calls, _ = _build(our_daemon, tmp_path, basic_registry.pushed.reference, client_generation)
     assert calls == ["Credentials"]

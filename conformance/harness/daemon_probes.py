@@ -120,8 +120,46 @@ def session_headers(session_id: str, methods: Iterable[str], *, upgrade: str | N
 
 # -- routing the context transfer -----------------------------------------------------------
 
+def decoded_metadata(pairs) -> list[tuple[str, str]]:
+    """Request metadata as the daemon meant it: a key's values unescaped when its ``<key>-encoded`` marker
+    is true (generation n+1, reference.metadata), and the markers dropped. Raw metadata (generation n)
+    comes back unchanged."""
+    from reference import metadata as md
+
+    by_key: dict[str, list[str]] = {}
+    for key, value in pairs:
+        by_key.setdefault(key, []).append(value)
+    markers = {key for key in by_key if key.endswith(md.ENCODED_SUFFIX) and key[:-len(md.ENCODED_SUFFIX)] in by_key}
+    decoded = {key: iter(md.decode_values(by_key, key)) for key in by_key if key not in markers}
+    return [(key, next(decoded[key])) for key, _ in pairs if key not in markers]
+
+
 def metadata_values(stream: RpcStream, key: str) -> list[str]:
-    return [v for k, v in stream.metadata if k == key]
+    """The (decoded) values of ``key`` on a call."""
+    return [v for k, v in decoded_metadata(stream.metadata) if k == key]
+
+
+class DecodedStream:
+    """A stream whose metadata reads decoded (``decoded_metadata``): the suite plays a client that
+    understands generation n+1's encoding, whatever the reference client's sender does with it."""
+
+    def __init__(self, stream: RpcStream):
+        self._stream = stream
+        self.method = stream.method
+        self.metadata = decoded_metadata(stream.metadata)
+        self.raw_metadata = list(stream.metadata)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def decoding(handler: Callable[[RpcStream], None]) -> Callable[[RpcStream], None]:
+    """``handler`` with decoded metadata on every call."""
+
+    def run(stream: RpcStream) -> None:
+        handler(DecodedStream(stream))
+
+    return run
 
 
 def is_main_context_transfer(stream: RpcStream) -> bool:
@@ -134,9 +172,19 @@ def is_main_context_transfer(stream: RpcStream) -> bool:
 @dataclass
 class CallRecord:
     dir_name: str
-    metadata: list[tuple[str, str]]
+    metadata: list[tuple[str, str]]  # as sent (generation n+1: encoded values and their markers)
     started: float
     scripted: bool
+    requested: list[str] | None = None  # what the daemon requested of a normally served transfer
+
+    @property
+    def main_context(self) -> bool:
+        """The build context itself, not the Dockerfile and not the ``.dockerignore`` probe."""
+        return self.dir_name == "context" and self.values("followpaths") != [".dockerignore"]
+
+    def values(self, key: str) -> list[str]:
+        """The decoded values of ``key``."""
+        return [v for k, v in decoded_metadata(self.metadata) if k == key]
 
 
 @dataclass
@@ -150,24 +198,36 @@ class FileSyncRouter:
     calls: list[CallRecord] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._services = ClientServices({"context": SyncedDir(self.context_dir, owner=(0, 0)),
-                                         "dockerfile": SyncedDir(self.dockerfile_dir or self.context_dir)},
-                                        filesync=("diffcopy",))
         self._lock = threading.Lock()
+        self._streams: list = []
+
+    def _services(self) -> ClientServices:
+        return ClientServices({"context": SyncedDir(self.context_dir, owner=(0, 0)),
+                               "dockerfile": SyncedDir(self.dockerfile_dir or self.context_dir)},
+                              filesync=("diffcopy",))
 
     @property
     def streams(self):
-        return self._services.streams
+        """StreamStats of the normally served transfers, in the order they ended."""
+        with self._lock:
+            return list(self._streams)
 
     def __call__(self, stream: RpcStream) -> None:
         scripted = self.scripted is not None and is_main_context_transfer(stream)
+        call = CallRecord(",".join(metadata_values(stream, "dir-name")), list(stream.metadata), time.monotonic(),
+                          scripted)
         with self._lock:
-            self.calls.append(CallRecord(",".join(metadata_values(stream, "dir-name")), list(stream.metadata),
-                                         time.monotonic(), scripted))
+            self.calls.append(call)
         if scripted:
             self.scripted(stream)
-        else:
-            self._services.filesync_diffcopy(stream)
+            return
+        services = self._services()  # one per call: its StreamStats are this call's
+        try:
+            services.filesync_diffcopy(DecodedStream(stream))
+        finally:
+            with self._lock:
+                self._streams.extend(services.streams)
+                call.requested = [p for stats in services.streams for p in stats.requested]
 
 
 # -- an interactive scripted sender ---------------------------------------------------------
@@ -254,7 +314,7 @@ def interactive_sender(entries: list[Entry], *, log: SenderLog, chunk_size: int 
                                 after_first_eof)
                     pending = []
                 continue
-            packet = Packet.FromString(raw)
+            packet = dc.decode_packet(raw)
             log.add("< " + dc.describe(packet))
             if packet.type == dc.PACKET_REQ:
                 log.requested.append(packet.ID)
@@ -339,7 +399,7 @@ def _drain(stream: RpcStream, log: SenderLog, seconds: float) -> None:
         if raw is None:
             log.add(f"(held the stream open for {seconds:.1f} s)")
             return
-        packet = Packet.FromString(raw)
+        packet = dc.decode_packet(raw)
         log.add("< " + dc.describe(packet))
         if packet.type == dc.PACKET_REQ:
             log.requested.append(packet.ID)
@@ -382,7 +442,8 @@ class LiveSession:
 
         self.services = ClientServices({"context": SyncedDir(context_dir, owner=(0, 0)),
                                         "dockerfile": SyncedDir(context_dir)}, filesync=filesync)
-        handlers = self.services.handlers()
+        handlers = {method: decoding(handler) if "/moby.filesync.v1.FileSync/" in method else handler
+                    for method, handler in self.services.handlers().items()}
         for method, handler in (handler_overrides or {}).items():
             handlers[method] = self.services._traced(handler)
         self.session_id = session_id or new_session_id()
@@ -488,3 +549,163 @@ def start_private_reference_daemon(generation: str = "n+1", transport: str = "h2
         time.sleep(0.05)
     target.stop()
     raise RuntimeError(f"reference daemon not ready after {timeout} s:\n{target.logs()}")
+
+
+# -- what the target's generation means for a case ---------------------------------------------
+
+# Rules whose meaning changed between the generations: the ID each generation is graded by (SPEC.md).
+GENERATION_RULES = {
+    "health-schedule": {"n-1": "HEALTH-3", "n": "HEALTH-3", "n+1": "HEALTH-5"},
+    "unknown-session": {"n-1": "TIMEOUT-1", "n": "TIMEOUT-1", "n+1": "TIMEOUT-7"},
+    "filesync-metadata": {"n-1": "META-1", "n": "META-1", "n+1": "META-ENCODE-1"},
+    "filesend-local": {"n-1": "FILESEND-LOCAL-1", "n": "FILESEND-LOCAL-1", "n+1": "FILESEND-LOCAL-5"},
+}
+
+
+def rule_for(daemon, what: str) -> str:
+    """The requirement ID that states ``what`` for the daemon's generation."""
+    return GENERATION_RULES[what][daemon.generation]
+
+
+@dataclass(frozen=True)
+class _Nominal:
+    """A generation's timers as its real daemon runs them, and the windows its rules allow."""
+
+    health_first: float
+    health_interval: float
+    health_timeout: float
+    unknown_session_wait: float  # a build naming an unknown session fails after this long
+    first_check_window: tuple[float, float]
+    check_gap_window: tuple[float, float]
+    unknown_session_window: tuple[float, float]
+
+
+# dockerd 20.10.24: checks at 1, 2, 3 s with a 10 s deadline, unknown session after 5.05 s (HEALTH-3, TIMEOUT-1);
+# dockerd 26.1.5: checks at 5.00, 10.00, 15.00 s with a 30 s deadline, unknown session after 10.01-10.06 s
+# (HEALTH-5, TIMEOUT-7). The 2017 model polls like 20.10.
+_BUILDKIT_0_8_TIMING = _Nominal(1.0, 1.0, 10.0, 5.0, (0.0, 2.0), (0.5, 2.0), (4.0, 10.0))
+NOMINAL_TIMING = {
+    "n-1": _BUILDKIT_0_8_TIMING,
+    "n": _BUILDKIT_0_8_TIMING,
+    "n+1": _Nominal(5.0, 5.0, 30.0, 10.0, (4.0, 7.0), (4.0, 7.0), (8.0, 12.0)),
+}
+
+
+@dataclass(frozen=True)
+class DaemonTiming:
+    """The session timers a daemon runs, and the windows a case judges them by.
+
+    A real daemon runs its generation's (NOMINAL_TIMING). The reference daemon reports the timers it was
+    started with (``/version``, component ``reference-daemon``, ``Timers``), so the embedded targets can
+    run the same schedule faster: each window is then the rule's window scaled by declared/nominal."""
+
+    generation: str
+    health_first: float
+    health_interval: float
+    health_timeout: float
+    unknown_session_wait: float
+    declared: bool = False  # reported by the target rather than its generation's
+
+    @property
+    def nominal(self) -> _Nominal:
+        return NOMINAL_TIMING[self.generation]
+
+    def _scaled(self, window: tuple[float, float], actual: float, nominal: float) -> tuple[float, float]:
+        factor = actual / nominal
+        return (window[0] * factor, window[1] * factor)
+
+    @property
+    def first_check_window(self) -> tuple[float, float]:
+        return self._scaled(self.nominal.first_check_window, self.health_first, self.nominal.health_first)
+
+    @property
+    def check_gap_window(self) -> tuple[float, float]:
+        return self._scaled(self.nominal.check_gap_window, self.health_interval, self.nominal.health_interval)
+
+    @property
+    def unknown_session_window(self) -> tuple[float, float]:
+        return self._scaled(self.nominal.unknown_session_window, self.unknown_session_wait,
+                            self.nominal.unknown_session_wait)
+
+    def tick_after(self, opened_at: float, moment: float) -> float:
+        """The first health-check tick at or after ``moment`` for a session upgraded at ``opened_at``
+        (the daemon notices a closed connection, or fails a check, only then)."""
+        first = opened_at + self.health_first
+        if moment <= first:
+            return first
+        ticks = -(-(moment - first) // self.health_interval)  # ceil
+        return first + ticks * self.health_interval
+
+    def describe(self) -> str:
+        source = "declared by the target" if self.declared else f"generation {self.generation}'s"
+        return (f"{source} timers: first check {self.health_first:g} s, every {self.health_interval:g} s, "
+                f"unknown session after {self.unknown_session_wait:g} s")
+
+
+_timings: dict[str, DaemonTiming] = {}
+
+
+def daemon_timing(daemon) -> DaemonTiming:
+    """The timing of a daemon target (cached per host)."""
+    cached = _timings.get(daemon.host)
+    if cached is not None and cached.generation == daemon.generation:
+        return cached
+    nominal = NOMINAL_TIMING[daemon.generation]
+    timing = DaemonTiming(daemon.generation, nominal.health_first, nominal.health_interval, nominal.health_timeout,
+                          nominal.unknown_session_wait)
+    if str(daemon.implementation).startswith("reference-daemon"):
+        import json
+
+        from reference.dockerhost import api_call
+
+        try:
+            _, body = api_call("GET", "/version", host=daemon.host)
+            components = json.loads(body).get("Components") or []
+            timers = next(c for c in components if c.get("Name") == "reference-daemon")["Details"]["Timers"]
+            timing = DaemonTiming(daemon.generation, float(timers["health_first"]), float(timers["health_interval"]),
+                                  float(timers["health_timeout"]),
+                                  float(timers["session_wait"]) + float(timers["session_group_wait"]), declared=True)
+        except (OSError, ValueError, KeyError, StopIteration, TypeError):
+            pass  # an older reference daemon: its generation's
+    _timings[daemon.host] = timing
+    return timing
+
+
+# -- a shell on the daemon: RUN steps -------------------------------------------------------------
+
+SHELL_TAG = "conf-daemon-busybox:latest"
+_shells: dict[str, str | None] = {}  # host -> tag, or None when the daemon cannot run RUN steps
+_shell_problem: dict[str, str] = {}
+
+
+def shell_image(daemon) -> str:
+    """A busybox image on the daemon, built once per daemon through a session build (nothing is pulled),
+    on which a RUN step has been seen to work. A daemon that cannot run RUN steps (the reference daemon
+    runs none) makes the case UNSUPPORTED; without the host's busybox-static it is skipped."""
+    import pytest
+
+    from ..outcomes import unsupported
+    from ..realpeers import BUSYBOX_STATIC, _write_busybox_rootfs
+    from .scripted_client import make_context, run_build
+
+    if daemon.host in _shells:
+        if _shells[daemon.host] is None:
+            unsupported(_shell_problem[daemon.host])
+        return _shells[daemon.host]
+    if not os.access(BUSYBOX_STATIC, os.X_OK):
+        pytest.skip(f"{BUSYBOX_STATIC} is missing: no image with a shell can be built offline")
+    from pathlib import Path
+
+    ctx = make_context({}, dockerfile="FROM scratch\nCOPY rootfs/ /\nENV PATH=/bin\n")
+    _write_busybox_rootfs(Path(ctx) / "rootfs")
+    obs = run_build(daemon.host, ctx, query={"t": SHELL_TAG})
+    if not obs.ok:
+        pytest.skip(f"the daemon cannot build the busybox image needed for RUN steps: {obs.error}")
+    probe = run_build(daemon.host, make_context({}, dockerfile=f"FROM {SHELL_TAG}\nRUN /bin/true\n"),
+                      query={"networkmode": "none", "nocache": "1"}, hang_timeout=10)
+    if not probe.ok:
+        _shells[daemon.host] = None
+        _shell_problem[daemon.host] = f"the daemon cannot run a RUN step on a local image: {probe.error}"
+        unsupported(_shell_problem[daemon.host])
+    _shells[daemon.host] = SHELL_TAG
+    return SHELL_TAG

@@ -25,6 +25,8 @@ from reference.pb.fsutil_types_pb2 import Packet, Stat
 from reference.session import SessionRequest, new_session_id, open_session
 from reference.transport.base import RpcError, RpcStream
 
+FILESYNC_SERVICE = "/moby.filesync.v1.FileSync/"
+
 
 @dataclass
 class BuildObservation:
@@ -79,7 +81,7 @@ def scripted_sender(packets: Iterable[Packet], *, then_wait: float = 5.0,
                     transcript.append("< end of stream")
                 return
             if transcript is not None:
-                transcript.append("< " + dc.describe(Packet.FromString(raw)))
+                transcript.append("< " + dc.describe(dc.decode_packet(raw)))
 
     return handler
 
@@ -117,7 +119,11 @@ def run_build(
         make = local_export_handler if kind == "local" else tar_export_handler
         services.export = make(dest, services._record)
         out_attrs = [{"Type": kind, "Attrs": {}}]
-    handlers = services.handlers()
+    # the suite's client understands generation n+1's metadata encoding (its senders see decoded values)
+    from .daemon_probes import decoding
+
+    handlers = {method: decoding(handler) if method.startswith(FILESYNC_SERVICE) else handler
+                for method, handler in services.handlers().items()}
     for method, handler in (handler_overrides or {}).items():
         handlers[method] = services._traced(handler)
     advertised = list(methods) if methods is not None else sorted(handlers) + list(extra_methods)

@@ -22,9 +22,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transport", choices=["h2", "grpcio"], default="h2")
     parser.add_argument("--stall-timeout", type=float, default=60.0,
                         help="seconds a transfer may go without a message from the client")
-    parser.add_argument("--session-wait", type=float, default=5.0)
-    parser.add_argument("--health-interval", type=float, default=1.0)
-    parser.add_argument("--health-timeout", type=float, default=10.0)
+    # timers: the defaults are the generation's (reference/daemon/config.py, PROFILES)
+    parser.add_argument("--session-wait", type=float, default=None,
+                        help="seconds a build waits for its session to appear (n: 5, n+1: 5 then --session-group-wait)")
+    parser.add_argument("--session-group-wait", type=float, default=None,
+                        help="seconds a build then waits again (n: 0, n+1: 5)")
+    parser.add_argument("--health-first", type=float, default=None,
+                        help="seconds from the upgrade to the first health check (default: --health-interval)")
+    parser.add_argument("--health-interval", type=float, default=None, help="seconds between health checks (n: 1, n+1: 5)")
+    parser.add_argument("--health-timeout", type=float, default=None,
+                        help="deadline of a health check (n: 10; n+1: 30, or 1.5 x the previous check if longer)")
+    parser.add_argument("--max-message-size", type=int, default=None,
+                        help="largest gRPC message received, bytes (n: 4 MiB, n+1: 16 MiB)")
     parser.add_argument("--cache-max-size", type=int, default=512 << 20, help="bytes")
     parser.add_argument("--cache-max-age", type=float, default=7 * 24 * 3600.0, help="seconds")
     parser.add_argument("--gc-interval", type=float, default=300.0, help="seconds")
@@ -32,13 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = DaemonConfig(
-        root=args.root, generation=args.generation, transport=args.transport,
-        stall_timeout=args.stall_timeout, session_wait=args.session_wait,
-        health_interval=args.health_interval, health_timeout=args.health_timeout,
-        cache_max_size=args.cache_max_size, cache_max_age=args.cache_max_age, gc_interval=args.gc_interval,
-    )
     try:
+        config = DaemonConfig(
+            root=args.root, generation=args.generation, transport=args.transport,
+            stall_timeout=args.stall_timeout, session_wait=args.session_wait,
+            session_group_wait=args.session_group_wait, health_first=args.health_first,
+            health_interval=args.health_interval, health_timeout=args.health_timeout,
+            max_message_size=args.max_message_size,
+            cache_max_size=args.cache_max_size, cache_max_age=args.cache_max_age, gc_interval=args.gc_interval,
+        )
         daemon = Daemon(config, args.host)
     except (RootInUse, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """Engine API routes: the subset the docker CLI 20.10 uses around ``docker build``.
 
 Every route answers with and without a ``/vX.Y`` prefix; versions outside
-1.12..1.41 are refused like dockerd does.  Unknown routes get dockerd's 404.
+1.12 up to the generation's API version (1.41 for n, 1.45 for n+1) are
+refused like dockerd does.  Unknown routes get dockerd's 404.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in text.split("."))
 
 
-def default_headers() -> list[tuple[str, str]]:
-    return [("Server", f"Docker/{ENGINE_VERSION} (linux)"), ("Api-Version", API_VERSION), ("Ostype", "linux")]
+def default_headers(config: DaemonConfig | None = None) -> list[tuple[str, str]]:
+    engine, api = (config.engine_version, config.api_version) if config else (ENGINE_VERSION, API_VERSION)
+    return [("Server", f"Docker/{engine} (linux)"), ("Api-Version", api), ("Ostype", "linux")]
 
 
 class EngineApi:
@@ -56,8 +58,9 @@ class EngineApi:
         match = _VERSION_PREFIX.match(path)
         if match:
             version, path = match.group(1), match.group(2)
-            if _version_tuple(version) > _version_tuple(API_VERSION):
-                exchange.error(400, f"client version {version} is too new. Maximum supported API version is {API_VERSION}")
+            api_version = self.config.api_version
+            if _version_tuple(version) > _version_tuple(api_version):
+                exchange.error(400, f"client version {version} is too new. Maximum supported API version is {api_version}")
                 return
             if _version_tuple(version) < _version_tuple(MIN_API_VERSION):
                 exchange.error(400, f"client version {version} is too old. Minimum supported API version is "
@@ -112,18 +115,21 @@ class EngineApi:
 
     def version(self, request: Request, exchange: Exchange) -> None:
         kernel = platform.release()
-        details = {"ApiVersion": API_VERSION, "Arch": go_arch(), "BuildTime": "", "Experimental": "true",
+        api_version, engine_version = self.config.api_version, self.config.engine_version
+        details = {"ApiVersion": api_version, "Arch": go_arch(), "BuildTime": "", "Experimental": "true",
                    "GitCommit": "reference", "GoVersion": f"python{sys.version.split()[0]}",
                    "KernelVersion": kernel, "MinAPIVersion": MIN_API_VERSION, "Os": "linux"}
         exchange.json(200, {
             "Platform": {"Name": "docker-session-conformance reference daemon"},
             "Components": [
-                {"Name": "Engine", "Version": ENGINE_VERSION, "Details": details},
+                {"Name": "Engine", "Version": engine_version, "Details": details},
+                # the timers in effect, so a suite can judge this daemon's schedule by them
                 {"Name": "reference-daemon", "Version": f"0.1.0 ({self.config.generation})",
-                 "Details": {"Generation": self.config.generation, "Transport": self.config.transport}},
+                 "Details": {"Generation": self.config.generation, "Transport": self.config.transport,
+                             "Timers": self.config.timers()}},
             ],
-            "Version": ENGINE_VERSION,
-            "ApiVersion": API_VERSION,
+            "Version": engine_version,
+            "ApiVersion": api_version,
             "MinAPIVersion": MIN_API_VERSION,
             "GitCommit": "reference",
             "GoVersion": f"python{sys.version.split()[0]}",
@@ -141,7 +147,7 @@ class EngineApi:
             "ContainersStopped": 0, "Images": len(images), "Driver": "reference", "DriverStatus": [],
             "OSType": "linux", "OperatingSystem": "docker-session-conformance reference daemon",
             "Architecture": platform.machine(), "KernelVersion": platform.release(),
-            "ServerVersion": ENGINE_VERSION, "Name": platform.node(), "NCPU": os.cpu_count() or 1,
+            "ServerVersion": self.config.engine_version, "Name": platform.node(), "NCPU": os.cpu_count() or 1,
             "MemTotal": 0, "ExperimentalBuild": True, "DockerRootDir": "", "Labels": [],
             "Plugins": {"Volume": [], "Network": [], "Authorization": None, "Log": []},
             "RegistryConfig": {"IndexConfigs": {}, "InsecureRegistryCIDRs": [], "Mirrors": []},

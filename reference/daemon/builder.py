@@ -4,6 +4,11 @@ BuildKit path (``version=2&remote=client-session``), transfers in dockerd's
 order and with its metadata: the ``dockerfile`` directory (followpaths
 ``[name, name.dockerignore, "dockerfile" if name is "Dockerfile"]``), then
 ``.dockerignore`` from ``context``, then ``context`` with ``exclude-patterns``.
+Generation n+1 (dockerd 26.1) differs on the wire: metadata values of a key
+are percent-encoded when one is non-ASCII, every FileSync and FileSend call
+carries a ``traceparent`` (FileSend also ``buildkit-attachable-exporter-id``),
+the Dockerfile and ``.dockerignore`` transfers have no diff base, and errors
+lack the ``failed to solve with frontend dockerfile.v0:`` prefix.
 The 2017 path (``version=1``) takes the Dockerfile from the request body and
 syncs one unnamed directory.  Steps run into a root filesystem under
 ``<root>/tmp``; the result is an image in the store, or an export to the
@@ -18,16 +23,18 @@ import logging
 import os
 import platform
 import posixpath
-import shutil
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 
+from .. import filemode
+from .. import metadata as wire_md
+from ..applier import remove_tree
 from ..walker import WalkError
 from . import dockerfile as dfp
 from . import export, filesync
 from .cache import ContextCache, Lease
-from .config import DaemonConfig
+from .config import DaemonConfig, GenerationProfile
 from .errors import BuildCancelled, BuildError, Redactor
 from .httpserver import ClientGone
 from .fsops import (Copier, FsError, SourceLinks, clean, extract_layer, resolve_in_root, source_digest,
@@ -159,6 +166,57 @@ class BaseImage:
     config: dict
 
 
+EXPORTER_ID = "buildkit-attachable-exporter-id"
+
+
+class CallMetadata:
+    """The metadata a generation puts on the calls of one build, beyond the transfer's options:
+    BuildKit 0.12+ percent-encodes a key's values when one is non-ASCII (reference.metadata), and 0.13
+    adds a W3C traceparent (one trace per build, a new span per call; never on Health) and, on FileSend,
+    the index of the exporter."""
+
+    def __init__(self, profile: GenerationProfile):
+        self.profile = profile
+        self.trace_id = os.urandom(16).hex()
+
+    def _trace(self) -> list[tuple[str, str]]:
+        if not self.profile.traceparent:
+            return []
+        return [("traceparent", f"00-{self.trace_id}-{os.urandom(8).hex()}-01")]
+
+    def filesync(self, request: filesync.SyncRequest) -> list[tuple[str, str]]:
+        pairs = request.metadata()
+        if self.profile.encode_metadata:
+            by_key: dict[str, list[str]] = {}
+            for key, value in pairs:
+                by_key.setdefault(key, []).append(value)
+            pairs = [(key, value) for key, values in wire_md.encode(by_key).items() for value in values]
+        return pairs + self._trace()
+
+    def filesend(self, exporter_index: int = 0) -> list[tuple[str, str]]:
+        pairs = [(EXPORTER_ID, str(exporter_index))] if self.profile.exporter_id else []
+        return pairs + self._trace()
+
+
+def _every_file_changed(diff_base: list) -> list:
+    """A diff base against which nothing but directories is unchanged: BuildKit's ``local.differ: none``
+    (fsutil's sameFile is always false), so every listed file is requested while deletions still happen."""
+    out = []
+    for key, fields in diff_base:
+        if not fields[1] & filemode.MODE_DIR:
+            fields = (*fields[:4], -1, *fields[5:])  # no real size is -1
+        out.append((key, fields))
+    return out
+
+
+def _remove_build_dir(path: str) -> None:
+    """A build's directory holds the client's tree as deep as it came: remove it without recursion."""
+    try:
+        remove_tree(path)
+    except OSError as exc:
+        log.warning("could not remove build directory %s: %s", path, exc)
+
+
 class Builder:
     def __init__(self, config: DaemonConfig, sessions: SessionManager, cache: ContextCache, images: ImageStore):
         self.config = config
@@ -208,8 +266,7 @@ class Builder:
             for lease in leases:
                 lease.release()
             # removing a large tree takes seconds: not on the client's time
-            threading.Thread(target=shutil.rmtree, args=(workdir,), kwargs={"ignore_errors": True},
-                             name="build-cleanup", daemon=True).start()
+            threading.Thread(target=_remove_build_dir, args=(workdir,), name="build-cleanup", daemon=True).start()
             record.seconds = time.monotonic() - started
             with self._records_lock:
                 self._running.pop(options.build_id, None)
@@ -238,6 +295,9 @@ class Builder:
     # -- BuildKit path ----------------------------------------------------------
     def _run_v2(self, options, writer, cancelled, record, workdir, leases) -> None:
         trace = TraceEmitter(writer, options.build_id or os.urandom(8).hex())
+        profile = self.config.profile
+        prefix = profile.frontend_error_prefix  # dockerd 20.10's wording; 26.1 has none
+        calls = CallMetadata(profile)
         name = options.dockerfile_name
         vertex = trace.vertex(f"[internal] load build definition from {name}").start()
         try:
@@ -246,49 +306,56 @@ class Builder:
             record.protocol = protocol
             followpaths = [name, name + ".dockerignore"] + (["dockerfile"] if name == "Dockerfile" else [])
             df_lease = self._acquire(session, "dockerfile", "dockerfile", leases)
-            self._sync(session, protocol, filesync.SyncRequest("dockerfile", followpaths=followpaths),
-                       df_lease, vertex, "dockerfile", cancelled, record)
+            df_request = filesync.SyncRequest("dockerfile", followpaths=followpaths)
+            self._sync(session, protocol, df_request, df_lease, vertex, "dockerfile", cancelled, record,
+                       wire=calls.filesync(df_request), incremental=profile.incremental_dockerfile)
             text = _read_small(df_lease.tree, name, "Dockerfile", required=True)
             override_ignore = _read_small(df_lease.tree, name + ".dockerignore", ".dockerignore")
             vertex.done()
         except BuildError as exc:
             vertex.fail(self.redact(str(exc)))
-            raise BuildError(f"failed to solve with frontend dockerfile.v0: failed to read dockerfile: {exc}") from None
+            raise BuildError(f"{prefix}failed to read dockerfile: {exc}") from None
 
         # Only once the Dockerfile's transfer has ended, as dockerd 20.10.24 does (protocol-notes §10).
+        # dockerd 26.1 skips the context's .dockerignore when the Dockerfile's own one exists.
         vertex = trace.vertex("[internal] load .dockerignore").start()
+        ignore_lease = None
         try:
-            ignore_lease = self._acquire(session, "context", "context-.dockerignore", leases)
-            self._sync(session, protocol, filesync.SyncRequest("context", followpaths=[".dockerignore"]),
-                       ignore_lease, vertex, "context", cancelled, record)
+            if override_ignore is None or profile.probe_ignored_dockerignore:
+                ignore_lease = self._acquire(session, "context", "context-.dockerignore", leases)
+                ignore_request = filesync.SyncRequest("context", followpaths=[".dockerignore"])
+                self._sync(session, protocol, ignore_request, ignore_lease, vertex, "context", cancelled, record,
+                           wire=calls.filesync(ignore_request), incremental=profile.incremental_dockerfile)
             ignore = override_ignore if override_ignore is not None else _read_small(
                 ignore_lease.tree, ".dockerignore", ".dockerignore")
             excludes = parse_dockerignore(ignore) if ignore is not None else []
             vertex.done()
         except BuildError as exc:
             vertex.fail(self.redact(str(exc)))
-            raise BuildError(f"failed to solve with frontend dockerfile.v0: failed to read .dockerignore: {exc}") from None
+            raise BuildError(f"{prefix}failed to read .dockerignore: {exc}") from None
         for lease in (df_lease, ignore_lease):
-            lease.release()
+            if lease is not None:
+                lease.release()
 
         try:
             plan = plan_build(text.decode("utf-8", "replace"), options)
         except dfp.DockerfileError as exc:
-            raise BuildError(f"failed to solve with frontend dockerfile.v0: failed to create LLB definition: {exc}") from None
+            raise BuildError(f"{prefix}failed to create LLB definition: {exc}") from None
 
         context_tree = context_listing = None
         if any(step.kind == "COPY" for step in plan.steps):
             vertex = trace.vertex("[internal] load build context").start()
             try:
                 context_lease = self._acquire(session, "context", "context", leases)
-                self._sync(session, protocol, filesync.SyncRequest("context", exclude_patterns=excludes),
-                           context_lease, vertex, "context", cancelled, record)
+                context_request = filesync.SyncRequest("context", exclude_patterns=excludes)
+                self._sync(session, protocol, context_request, context_lease, vertex, "context", cancelled, record,
+                           wire=calls.filesync(context_request))
                 context_tree = context_lease.tree
                 context_listing = context_lease.listing()
                 vertex.done()
             except BuildError as exc:
                 vertex.fail(self.redact(str(exc)))
-                raise BuildError(f"failed to solve with frontend dockerfile.v0: failed to load build context: {exc}") from None
+                raise BuildError(f"{prefix}failed to load build context: {exc}") from None
 
         rootfs = os.path.join(workdir, "rootfs")
         base = None
@@ -299,8 +366,7 @@ class Builder:
                 vertex.done()
             except BuildError as exc:
                 vertex.fail(self.redact(str(exc)))
-                raise BuildError("failed to solve with frontend dockerfile.v0: "
-                                 f"failed to create LLB definition: {exc}") from None
+                raise BuildError(f"{prefix}failed to create LLB definition: {exc}") from None
         # exports need the whole tree on disk; an image only needs the layers, so steps may be cached
         runner = StepRunner(self, context_tree, rootfs, workdir,
                             use_cache=options.output is None and not options.no_cache, base=base,
@@ -314,7 +380,7 @@ class Builder:
                 vertex.done(cached=cached)
             except (BuildError, FsError) as exc:
                 vertex.fail(self.redact(str(exc)))
-                raise BuildError(f"failed to solve with frontend dockerfile.v0: failed to build: {exc}") from None
+                raise BuildError(f"{prefix}failed to build: {exc}") from None
             previous = [vertex.digest]
         layers = runner.layers
 
@@ -325,7 +391,7 @@ class Builder:
                 kind = options.output["Type"]
                 run = export.export_local if kind == "local" else export.export_tar
                 result = run(session, rootfs, cancelled=cancelled, stall_timeout=self.config.stall_timeout,
-                             progress=lambda n: vertex.status("copying files", n))
+                             progress=lambda n: vertex.status("copying files", n), metadata=calls.filesend(0))
                 record.export = asdict(result)
                 vertex.done()
             except BuildError as exc:
@@ -354,7 +420,7 @@ class Builder:
 
         authorizer = registry.SessionAuthorizer(
             lambda method, request: session.conn.unary(method, request, timeout=60.0),
-            registry.daemon_salt(), session_id=session.id, token_authority=self.config.generation != "n-1")
+            registry.daemon_salt(), session_id=session.id, token_authority=self.config.profile.token_authority)
         try:
             config = registry.pull_image(reference, rootfs, authorizer, save_layers_to=workdir)
         except registry.RegistryError as exc:
@@ -371,16 +437,20 @@ class Builder:
         leases.append(lease)
         return lease
 
-    def _sync(self, session, protocol, request, lease, vertex: VertexProgress | None, label, cancelled, record) -> None:
+    def _sync(self, session, protocol, request, lease, vertex: VertexProgress | None, label, cancelled, record,
+              *, wire: list[tuple[str, str]] | None = None, incremental: bool = True) -> None:
         status = f"transferring {label}:"
         try:
             # the entry's kept listing is the diff base: an unchanged tree is not walked again
             previous = lease.listing().diff_base() if protocol == "diffcopy" else None
+            if previous is not None and not incremental:
+                previous = _every_file_changed(previous)
             result = filesync.sync(
                 session, protocol, request, lease.tree, cancelled=cancelled,
                 stall_timeout=self.config.stall_timeout,
                 progress=(lambda n: vertex.status(status, n)) if vertex is not None else None,
-                previous=previous, on_change=lease.begin_sync,
+                previous=previous, on_change=lease.begin_sync, wire_metadata=wire,
+                limits=filesync.config_limits(self.config),  # DaemonConfig's receiver limits (issue 15)
             )
             if result.changed or not lease.complete:
                 lease.sync_complete()
@@ -388,7 +458,7 @@ class Builder:
             raise BuildError(self.redact(f"cannot list the cached {label}: {exc}")) from None
         except BuildError as exc:
             record.streams.append({"dir_name": request.dir_name, "protocol": protocol,
-                                   "metadata": request.metadata(), "error": self.redact(str(exc))})
+                                   "metadata": wire or request.metadata(), "error": self.redact(str(exc))})
             raise BuildError(self.redact(str(exc))) from None
         record.streams.append(asdict(result))
         if vertex is not None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import shutil
 import threading
 
+from ..applier import remove_tree
 from .api import EngineApi, default_headers
 from .builder import Builder
 from .cache import ContextCache
@@ -34,14 +34,17 @@ class Daemon:
         except BlockingIOError:
             os.close(self._lock_fd)
             raise RootInUse("another daemon is using this --root") from None
-        shutil.rmtree(config.path("tmp"), ignore_errors=True)  # build directories of a previous run
-        os.makedirs(config.path("tmp"), mode=0o700)
+        try:  # build directories of a previous run, as deep as its clients' trees: no recursion
+            remove_tree(config.path("tmp"))
+        except OSError as exc:
+            log.warning("could not remove %s of a previous run: %s", config.path("tmp"), exc)
+        os.makedirs(config.path("tmp"), mode=0o700, exist_ok=True)
         self.sessions = SessionManager(config)
         self.cache = ContextCache(config.path("cache"), max_size=config.cache_max_size, max_age=config.cache_max_age)
         self.images = ImageStore(config.path("images"))
         self.builder = Builder(config, self.sessions, self.cache, self.images)
         self.api = EngineApi(config, self.sessions, self.cache, self.images, self.builder)
-        self.server = HttpServer(host, self.api, default_headers=default_headers(), max_body=config.max_body)
+        self.server = HttpServer(host, self.api, default_headers=default_headers(config), max_body=config.max_body)
         self._stop = threading.Event()
         self._gc_thread = threading.Thread(target=self._gc_loop, name="cache-gc", daemon=True)
 

@@ -1,9 +1,14 @@
 """Sessions: the ``/session`` hijack, the registry builds look sessions up in, health.
 
 After the 101 the daemon is the gRPC *client* on the hijacked connection.
-BuildKit 0.8 checks health every second with a 10 s timeout and drops the
-session at the first failure; a build that needs a session waits at most 5 s
-for it to appear.
+It checks health on a ticker (BuildKit 0.8: every second with a 10 s
+deadline; BuildKit 0.13: every 5 s, deadline max(30 s, 1.5 x the previous
+check)) and drops the session at the first failure, in both (a shadowed
+context defeats 0.13's intended tolerance of one failure). A closed
+connection is noticed at the next tick only: until then the session stays
+registered, and a build naming it fails at once as BuildKit's redial does.
+A build that needs a session waits for it to appear (0.8: 5 s; 0.13: 5 s,
+then 5 s more in the session group).
 """
 
 from __future__ import annotations
@@ -83,13 +88,16 @@ class SessionManager:
 
     # -- lookup ---------------------------------------------------------------
     def get(self, session_id: str, timeout: float | None = None, cancelled: threading.Event | None = None) -> Session:
-        """The active session ``session_id``, waiting for it to appear (5 s by default)."""
-        wait = self.config.session_wait if timeout is None else timeout
+        """The active session ``session_id``, waiting for it to appear (the generation's wait by default)."""
+        wait = self.config.session_wait + self.config.session_group_wait if timeout is None else timeout
         deadline = time.monotonic() + wait
         with self._cond:
             while True:
                 session = self._sessions.get(session_id)
                 if session is not None and not session.closed.is_set():
+                    if session.conn is not None and session.conn.closed.is_set():
+                        # gone, but not yet noticed by a health check: the first call redials and fails
+                        raise BuildError(self.config.profile.redial_error)
                     return session
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or (cancelled is not None and cancelled.is_set()):
@@ -128,7 +136,8 @@ class SessionManager:
         )
         try:
             sock, initial = exchange.switch_protocols([("Connection", "Upgrade"), ("Upgrade", "h2c")])
-            session.conn = _connect(self.config.transport)(sock, initial)
+            session.conn = _connect(self.config.transport)(sock, initial,
+                                                           max_receive_message=self.config.max_message_size)
         except (ClientGone, OSError) as exc:
             with self._cond:
                 self._sessions.pop(session_id, None)
@@ -151,19 +160,35 @@ class SessionManager:
             log.info("session %s ended: %s", session_id, session.close_reason)
 
     def _monitor_health(self, session: Session) -> None:
+        """Health/Check on the ticks of a Go ticker (the first ``health_first`` after the upgrade, then every
+        ``health_interval``), one check at a time: of the ticks that pass during a check the first fires right
+        after it and the others are dropped. The first failure, or a closed connection, ends the session."""
         conn = session.conn
-        interval = self.config.health_interval
+        config = self.config
+        first_tick = time.monotonic() + config.health_first
+        tick, next_check = 0, first_tick  # the index of the tick being waited for or consumed
+        previous_duration = 0.0
         while True:
-            if session.closed.wait(interval):
+            if session.closed.wait(max(0.0, next_check - time.monotonic())):
                 return
             if conn.closed.is_set():
                 session.close("connection closed")
                 return
+            timeout = max(config.health_timeout, config.profile.health_timeout_factor * previous_duration)
+            started = time.monotonic()
             try:
-                conn.unary(HEALTH_CHECK, b"", timeout=self.config.health_timeout)
-            except Exception as exc:  # any failure ends the session, like BuildKit 0.8
+                conn.unary(HEALTH_CHECK, b"", timeout=timeout)
+            except Exception as exc:  # any failure ends the session, in BuildKit 0.8 and (as measured) 0.13
                 session.close(f"health check failed: {exc}")
                 return
+            now = time.monotonic()
+            previous_duration = now - started
+            if first_tick + (tick + 1) * config.health_interval > now:
+                tick += 1
+                next_check = first_tick + tick * config.health_interval
+            else:  # a tick came during the check: the ticker kept it
+                tick = int((now - first_tick) // config.health_interval)
+                next_check = now
 
     def close_all(self) -> None:
         for session in self.active():
