@@ -1,8 +1,9 @@
 """Client role, FileSend: the client receives exports (``-o type=local`` / ``type=tar``).
 
 For a local export the scenario plays BuildKit 0.8's exporter: it opens
-FileSend/DiffCopy without metadata, acts as the fsutil sender, interleaves
-DATA of several files and cancels the call after the FIN exchange.  Hostile
+FileSend/DiffCopy without metadata (with dockerd 26.1's exporter ID and
+traceparent for a generation n+1 client), acts as the fsutil sender,
+interleaves DATA of several files and cancels the call after the FIN exchange.  Hostile
 listings check the client's receiver rules (validation, safety); a tar export
 checks that bytes are written unchanged.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat as st
 import time
 
@@ -23,8 +25,10 @@ from reference.pb import filesync_pb2
 from reference.pb.fsutil_types_pb2 import Stat
 from reference.transport.base import RpcError, StatusCode
 
-from .harness.daemon_scripts import FILESEND, CallOutcome, finish, recv_packet, run_client, send_packet
-from .harness.instrumented_daemon import ScenarioResult
+from .harness.daemon_scripts import (
+    FILESEND, CallOutcome, finish, open_diffcopy, recv_packet, run_client, send_packet, strict_transfer,
+)
+from .harness.instrumented_daemon import EXPORTER_ID_KEY, ScenarioResult, new_traceparent
 from .harness.scripted_client import make_context
 from .outcomes import expect
 
@@ -81,11 +85,13 @@ class ExportRecord:
         self.end: CallOutcome | None = None
 
 
-def send_export(session, stats: list[Stat], files: dict[str, bytes], *, cancel_after_fin: bool = True) -> ExportRecord:
-    """BuildKit 0.8's local exporter: list, serve REQs with interleaved DATA, FIN, cancel."""
+def send_export(session, stats: list[Stat], files: dict[str, bytes], *, cancel_after_fin: bool = True,
+                metadata=None) -> ExportRecord:
+    """BuildKit 0.8's local exporter: list, serve REQs with interleaved DATA, FIN, cancel. The call carries
+    ``metadata``, by default what the daemon of the session's generation sends."""
     rec = ExportRecord()
     tr = rec.transcript
-    stream = session.conn.open_stream(FILESEND, [])
+    stream = session.conn.open_stream(FILESEND, session.filesend_metadata() if metadata is None else metadata)
     for s in stats:
         tr.append("< " + dc.describe(dc.stat_packet(s)))
         stream.send(dc.stat_packet(s).SerializeToString())
@@ -269,7 +275,7 @@ DESTRUCTIVE_HOSTILE = [
 
 
 def _hostile_stream(session, listing, action) -> CallOutcome:
-    stream = session.conn.open_stream(FILESEND, [])
+    stream = session.conn.open_stream(FILESEND, session.filesend_metadata())
     outcome = CallOutcome()
     tr = outcome.transcript
     t0 = time.monotonic()
@@ -461,7 +467,7 @@ def test_tar_export_is_written_unchanged(client, tmp_path, where):
     seen = {}
 
     def scenario(build):
-        stream = build.session.conn.open_stream(FILESEND, [])
+        stream = build.session.conn.open_stream(FILESEND, build.session.filesend_metadata())
         for piece in pieces:
             stream.send(filesync_pb2.BytesMessage(data=piece).SerializeToString())
         stream.close_send()
@@ -487,3 +493,52 @@ def test_tar_export_is_written_unchanged(client, tmp_path, where):
            and "dest" not in (outputs[0].get("Attrs") or {}), '[{"Type": "tar", "Attrs": {...}}] without dest',
            build.query.get("outputs"))
     expect("METHODS-2", build.session.supports(FILESEND), "FileSend/DiffCopy advertised", build.session.methods)
+
+
+@pytest.mark.parametrize("output", ["local", "tar"])
+@requirement("META-UNKNOWN-1")
+def test_unknown_metadata_is_ignored(client, tmp_path, output):
+    """dockerd 26.1 adds the exporter ID and a traceparent to every FileSend call and a traceparent to every
+    FileSync call, whatever the client's generation; a later daemon may add other keys."""
+    _n_plus_1(client)
+    extra = [("traceparent", new_traceparent()), ("x-conformance-future-key", "7712")]
+    export_metadata = [(EXPORTER_ID_KEY, "0")] + extra
+    ctx = make_context({"a.txt": "a", "sub/b.txt": "b"})
+    seen = {}
+    stats = [Stat(path="got.txt", mode=0o644, size=5, modTime=T0)]
+    pieces = [os.urandom(5000), bytes(range(256)) * 40]
+
+    def scenario(build):
+        s = build.session
+        seen["plain"] = strict_transfer(open_diffcopy(s, None, raw_metadata=[("dir-name", "context")]))
+        seen["extra"] = strict_transfer(open_diffcopy(s, None, raw_metadata=[("dir-name", "context")] + extra))
+        if output == "local":
+            seen["export"] = send_export(s, stats, {"got.txt": b"agent"}, metadata=export_metadata)
+        else:
+            stream = s.conn.open_stream(FILESEND, export_metadata)
+            for piece in pieces:
+                stream.send(filesync_pb2.BytesMessage(data=piece).SerializeToString())
+            stream.close_send()
+            seen["export"] = finish(stream, CallOutcome(), 15)
+        return ScenarioResult()
+
+    dest = tmp_path / ("out" if output == "local" else "out.tar")
+    try:
+        daemon, run = run_client(client, ctx, scenario, extra_args=["-o", f"type={output},dest={dest}"])
+    finally:
+        shutil.rmtree(ctx, ignore_errors=True)
+    plain, with_extra = seen["plain"], seen["extra"]
+    expect("META-UNKNOWN-1", with_extra.ok and with_extra.paths == plain.paths and
+           with_extra.contents == plain.contents, f"FileSync with {extra}: the same transfer as without",
+           f"{with_extra.paths} vs {plain.paths}; {with_extra.violations or with_extra.end.describe()}",
+           with_extra.transcript)
+    export = seen["export"]
+    if output == "local":
+        got = (dest / "got.txt").read_bytes() if (dest / "got.txt").exists() else None
+        expect("META-UNKNOWN-1", export.fins == 1 and not export.violations and got == b"agent",
+               f"a local export with {export_metadata} is received", (export.violations, got), export.transcript)
+    else:
+        got = dest.read_bytes() if dest.exists() else None
+        expect("META-UNKNOWN-1", export.ok and got == b"".join(pieces),
+               f"a tar export with {export_metadata} is written", (export.describe(), got and len(got)))
+    expect("META-UNKNOWN-1", run.returncode == 0, "the build succeeds", run.output[-2000:])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import shutil
 import socket
 import stat as st
 import tarfile
@@ -20,9 +21,9 @@ import pytest
 
 from reference import diffcopy as dc
 from reference import filemode as fm
+from reference.metadata import needs_encoding, query_escape
 from reference.paths import path_sort_key
 from reference.pb import filesync_pb2
-from reference.pb.fsutil_types_pb2 import Packet
 from reference.transport.base import RpcError, StatusCode
 
 from .harness.daemon_scripts import (
@@ -230,7 +231,7 @@ def test_requests_before_the_end_of_the_listing(client):
             raw = stream.recv(timeout=20)
             if raw is None:
                 break
-            p = Packet.FromString(raw)
+            p = dc.decode_packet(raw)
             if p.type != dc.PACKET_DATA:
                 tr.append("> " + dc.describe(p))
                 break
@@ -343,8 +344,10 @@ META_CASES = {
 }
 
 
-@requirement("META-3", "META-4", "META-5", "META-7", "DIFFCOPY-ORDER-2", "SAFETY-5")
+@requirement("META-3", "META-4", "META-5", "META-7", "META-DECODE-1", "DIFFCOPY-ORDER-2", "SAFETY-5")
 def test_metadata_filters(client):
+    """The filters as the daemon of the client's generation sends them: raw UTF-8 from a generation n daemon,
+    escaped with markers from a generation n+1 one (the non-ASCII cases then check the decoding)."""
     _n_plus_1(client)
     ctx = _meta_context()
     seen = {}
@@ -359,7 +362,9 @@ def test_metadata_filters(client):
     for name, (options, expected) in META_CASES.items():
         t = seen[name]
         got = set(t.paths)
-        expect(rules[name], t.ok and got == expected, f"exactly {sorted(expected)}",
+        values = [v for key in options.values() for v in key]
+        rule = "META-DECODE-1" if client.generation == "n+1" and needs_encoding(values) else rules[name]
+        expect(rule, t.ok and got == expected, f"exactly {sorted(expected)}",
                f"missing {sorted(expected - got)}, extra {sorted(got - expected)}; {t.violations or t.end.describe()}",
                t.transcript)
         expect("DIFFCOPY-ORDER-2", all(os.path.dirname(p) in ("",) or os.path.dirname(p) in
@@ -405,6 +410,97 @@ def test_unparsable_pattern_fails_the_transfer(client):
            any("end of listing" in line for line in o.transcript), "no unfiltered tree", listed, o.transcript)
     expect("DIFFCOPY-ERR-1", any(line.startswith("> ERR") for line in o.transcript),
            "an ERR packet with the reason before the error status", o.transcript[-3:], o.transcript)
+
+
+# -- metadata escaping (generation n+1 daemons; generation n clients meet them in real skew) -------------
+
+ESCAPING_FILES = {"a.txt": "a", "keep.log": "k", "drop.log": "d", "日本/keep.txt": "k", "日本/x.txt": "x",
+                  "ünï.txt": "u", "a b.txt": "space", "a+b.txt": "plus", "100%.txt": "percent",
+                  "100%25.txt": "literal escape", "sub/c.txt": "c"}
+
+
+def _escaped(values: list[str]) -> list[str]:
+    return [query_escape(v) for v in values]
+
+
+ESCAPING_CASES = {
+    # name: (metadata exactly as sent, expected paths, decoded?)
+    # dockerd 26.1's escaping of a .dockerignore with non-ASCII lines, plus a malformed escape (BuildKit: "")
+    "marked-excludes": (
+        [("dir-name", "context")]
+        + [("exclude-patterns", v) for v in _escaped(["*.log", "!keep.log", "日本/*", "!日本/keep.txt", "a b.txt"])]
+        + [("exclude-patterns", "%zz"), ("exclude-patterns-encoded", "1")],
+        {"Dockerfile", "a.txt", "keep.log", "日本", "日本/keep.txt", "ünï.txt", "a+b.txt", "100%.txt", "100%25.txt",
+         "sub", "sub/c.txt"}, True),
+    # non-ASCII COPY sources: '+' is a space, %25 is '%'; the literal names exist too, to catch a client that
+    # takes the values as sent
+    "marked-followpaths": (
+        [("dir-name", "context")] + [("followpaths", v) for v in _escaped(["ünï.txt", "a b.txt", "100%.txt"])]
+        + [("followpaths-encoded", "true")],
+        {"ünï.txt", "a b.txt", "100%.txt"}, True),
+    # every key is decoded when marked, dir-name included
+    "marked-dir-name": (
+        [("dir-name", "conte%78t"), ("dir-name-encoded", "T"), ("followpaths", "a.txt")], {"a.txt"}, True),
+    # no marker: values are taken as sent, '%' and '+' included
+    "unmarked": (
+        [("dir-name", "context"), ("followpaths", "a+b.txt"), ("followpaths", "100%25.txt")],
+        {"a+b.txt", "100%25.txt"}, False),
+    # a marker that is not a Go true, and a marker of another key, decode nothing
+    "false-or-foreign-marker": (
+        [("dir-name", "context"), ("followpaths", "a+b.txt"), ("followpaths", "100%25.txt"),
+         ("followpaths-encoded", "no"), ("exclude-patterns", "a%2Bb.txt"), ("include-patterns-encoded", "1")],
+        {"a+b.txt", "100%25.txt"}, False),
+}
+
+_escaping_runs: dict = {}
+
+
+def escaping_run(client) -> dict:
+    """One client run with every ESCAPING_CASES transfer, shared by the two tests below (per client)."""
+    if client.spec in _escaping_runs:
+        return _escaping_runs[client.spec]
+    ctx = make_context(ESCAPING_FILES)
+    seen = {}
+
+    def scenario(build):
+        for name, (metadata, _, _) in ESCAPING_CASES.items():
+            seen[name] = strict_transfer(open_diffcopy(build.session, None, raw_metadata=metadata))
+        return ScenarioResult()
+
+    try:
+        daemon, run = run_client(client, ctx, scenario)
+    finally:
+        shutil.rmtree(ctx, ignore_errors=True)
+    seen["run"] = run
+    _escaping_runs[client.spec] = seen
+    return seen
+
+
+def _check_escaping(client, decoded: bool) -> None:
+    _n_plus_1(client)
+    seen = escaping_run(client)
+    for name, (metadata, expected, marked) in ESCAPING_CASES.items():
+        if marked != decoded:
+            continue
+        t = seen[name]
+        got = set(t.paths)
+        sent = ", ".join(f"{k}: {v}" for k, v in metadata)
+        expect("META-DECODE-1", t.ok and got == expected, f"{name} ({sent}): exactly {sorted(expected)}",
+               f"missing {sorted(expected - got)}, extra {sorted(got - expected)}; {t.violations or t.end.describe()}",
+               t.transcript)
+    expect("META-DECODE-1", seen["run"].returncode == 0, "the build succeeds", seen["run"].output[-2000:])
+
+
+@requirement("META-DECODE-1")
+def test_marked_metadata_is_decoded(client):
+    """Values of a key whose `<key>-encoded` marker is a Go true are unescaped (QueryUnescape)."""
+    _check_escaping(client, decoded=True)
+
+
+@requirement("META-DECODE-1")
+def test_unmarked_metadata_is_taken_as_sent(client):
+    """Without a true marker for its own key, a value is used as sent, even with '%' or '+'."""
+    _check_escaping(client, decoded=False)
 
 
 @requirement("NEGOTIATE-3")

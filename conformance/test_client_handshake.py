@@ -16,15 +16,14 @@ import time
 import pytest
 from grpc_health.v1 import health_pb2
 
-from reference.pb import auth_pb2
-from reference.pb.fsutil_types_pb2 import Packet
+from reference.pb import auth_pb2, secrets_pb2
 from reference.transport.base import RpcError, StatusCode
 from reference import diffcopy as dc
 
 from .harness.daemon_scripts import (
-    AUTH_CREDENTIALS, AUTH_FETCH_TOKEN, AUTH_GET_TOKEN_AUTHORITY, AUTH_VERIFY_TOKEN_AUTHORITY, DIFFCOPY, HEALTH,
-    H2_PREFACE, TARSTREAM, CallOutcome, ScriptResult, finish, open_diffcopy, read_listing, recv_packet, run_client,
-    send_packet, unary, vertex_error_trace,
+    AUTH_CREDENTIALS, AUTH_FETCH_TOKEN, AUTH_GET_TOKEN_AUTHORITY, AUTH_VERIFY_TOKEN_AUTHORITY, DIFFCOPY, GET_SECRET,
+    HEALTH, H2_PREFACE, TARSTREAM, CallOutcome, ScriptResult, finish, open_diffcopy, read_listing, recv_packet,
+    run_client, send_packet, unary, vertex_error_trace,
 )
 from .harness.instrumented_daemon import ScenarioResult
 from .harness.scenarios import fetch
@@ -63,7 +62,7 @@ def fetch_something(session, generation: str):
 
 # -- the upgrade request ---------------------------------------------------------------
 
-@requirement("HANDSHAKE-1", "HANDSHAKE-2", "ROLE-1", "TIMEOUT-2", "METHODS-1", "METHODS-2", "HEALTH-1")
+@requirement("HANDSHAKE-1", "HANDSHAKE-2", "ROLE-1", "TIMEOUT-2", "METHODS-1", "METHODS-2", "HEALTH-1", "SECRETS-2")
 def test_session_request_and_server_role(client):
     seen = {}
 
@@ -106,6 +105,9 @@ def test_session_request_and_server_role(client):
                 probes[method] = unary(session, method, auth_pb2.FetchTokenRequest(
                     ClientID="buildkit-client", Host="127.0.0.1:9", Realm="http://127.0.0.1:9/token",
                     Service="conformance").SerializeToString(), timeout=20.0)
+            elif key == GET_SECRET.lower():  # advertised without --secret (buildx always does)
+                probes[method] = unary(session, method, secrets_pb2.GetSecretRequest(
+                    ID="conformance-unregistered").SerializeToString())
             else:
                 probes[method] = unary(session, method, b"", timeout=5.0)
         seen["probes"] = probes
@@ -151,6 +153,11 @@ def test_session_request_and_server_role(client):
     unimplemented = {m: o.describe() for m, o in seen["probes"].items() if o.code == StatusCode.UNIMPLEMENTED}
     expect("METHODS-2", not unimplemented, "no advertised method answers UNIMPLEMENTED", unimplemented,
            [f"{m}: {o.describe()}" for m, o in seen["probes"].items()])
+    secret = next((o for m, o in seen["probes"].items() if m.lower() == GET_SECRET.lower()), None)
+    if secret is not None:
+        expect("SECRETS-2", secret.code == StatusCode.NOT_FOUND,
+               "Secrets advertised without --secret: NOT_FOUND for an ID the client does not have",
+               secret.describe())
     expect("BUILD-1" if client.generation != "n-1" else "BUILD-7", run.returncode == 0, "the build succeeds",
            run.output)
 
@@ -169,12 +176,16 @@ def test_session_ids_are_fresh(client, tmp_path):
 
 @requirement("HANDSHAKE-3")
 def test_shared_key_follows_the_context_directory(client, tmp_path, monkeypatch):
-    """``build .`` in one directory twice, then in another: the key must follow the directory."""
-    first = make_context({"a.txt": "a"})
-    other = make_context({"b.txt": "b"})
+    """``build .`` in one directory twice, then in another, then in a third one with the same base name as
+    the first (``one/app``, ``two/app``): the key must follow the directory."""
+    contexts = [tmp_path / "one" / "app", tmp_path / "other", tmp_path / "two" / "app"]
+    for ctx in contexts:
+        ctx.mkdir(parents=True)
+        (ctx / "Dockerfile").write_text("FROM scratch\nCOPY . /\n")
+        (ctx / f"{ctx.parent.name}.txt").write_text("x")
     env = {"DOCKER_CONFIG": str(tmp_path / "config")}  # the node ID lives there
     seen = []
-    for ctx in (first, first, other):
+    for ctx in (contexts[0], contexts[0], contexts[1], contexts[2]):
         monkeypatch.chdir(ctx)
         daemon, run = run_client(client, ".", lambda build: ScenarioResult(), env=env)
         expect("HANDSHAKE-3", run.returncode == 0 and daemon.session_requests, "a build with a session", run.output)
@@ -185,6 +196,8 @@ def test_shared_key_follows_the_context_directory(client, tmp_path, monkeypatch)
     expect("HANDSHAKE-3", keys[0] == keys[1] and keys[0] != keys[2],
            "the same shared key for the same directory, another for another directory (context argument '.')",
            keys)
+    expect("HANDSHAKE-3", keys[0] != keys[3],
+           "another shared key for another directory with the same base name (one/app, two/app)", keys)
 
 
 @requirement("HANDSHAKE-9")
@@ -350,7 +363,7 @@ def test_health_and_parallel_transfers_while_a_large_transfer_is_blocked(client,
             raw = stream.recv(timeout=30)
             if raw is None:
                 break
-            p = Packet.FromString(raw)
+            p = dc.decode_packet(raw)
             if p.type != dc.PACKET_DATA:
                 transcript.append("> " + dc.describe(p))
                 break
@@ -400,7 +413,7 @@ def test_health_and_parallel_transfers_while_a_large_transfer_is_blocked(client,
            f"{BIG_SIZE} bytes of DATA then an empty DATA", (seen["total"], seen["eof"]), transcript)
     expect("DIFFCOPY-DATA-2", max(seen["sizes"]) <= 4 * 1024 * 1024, "every message fits in 4 MiB",
            max(seen["sizes"]))
-    expect("DIFFCOPY-DATA-1", seen["after"].messages and Packet.FromString(seen["after"].messages[0]).type ==
+    expect("DIFFCOPY-DATA-1", seen["after"].messages and dc.decode_packet(seen["after"].messages[0]).type ==
            dc.PACKET_FIN and seen["after"].ok, "FIN in reply, then the call ends OK", seen["after"].describe(),
            seen["after"].transcript)
 

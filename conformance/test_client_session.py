@@ -21,7 +21,7 @@ requirement = pytest.mark.requirement
 
 
 def _run(client, context, scenario, **kw):
-    with InstrumentedDaemon(scenario) as daemon:
+    with InstrumentedDaemon(scenario, generation=client.generation) as daemon:
         run = client.run(context, daemon.host, **kw)
         return daemon, run
 

@@ -63,7 +63,42 @@ def shared_key_for(context: str) -> str:
     """hex(sha256("<nodeID>:<context>")): a stable key per context lets the daemon
     reuse its copy as the diff base.  The docker CLI hashes the argument as typed,
     so ``.`` in two directories collides; callers pass the absolute path."""
-    return hashlib.sha256(f"{build_node_id()}:{context}".encode()).hexdigest()
+    return hashlib.sha256(f"{build_node_id()}:{context}".encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def go_base(path: str) -> str:
+    """Go's ``filepath.Base``: the last element, ``/`` for the root, ``.`` for the empty path."""
+    if not path:
+        return "."
+    stripped = path.rstrip("/")
+    return stripped.rsplit("/", 1)[-1] if stripped else "/"
+
+
+def session_identity(context_dir: str, generation: str) -> tuple[str, str]:
+    """The ``Name`` and ``Sharedkey`` headers of a build session of this generation, for the absolute
+    context directory.  Both are opaque to the daemon (it only indexes its copies by the key).
+
+    * ``n-1``, ``n``: as the docker CLI 20.10, the base name of the context and a hex SHA-256 key.
+    * ``n+1``: as buildx 0.13 (BuildKit's client), the base name of the working directory, and a key
+      of buildx's shape ``<base name of the context>:<16 hex digits>``.  buildx puts its node ID after
+      the colon, so two contexts with the same base name (``/a/app``, ``/b/app``) share a key, a
+      defect HANDSHAKE-3 names; here the digits are the start of sha256("<nodeID>:<context>"), which
+      follows the directory.
+    """
+    if generation != "n+1":
+        return go_base(context_dir), shared_key_for(context_dir)
+    try:
+        cwd = os.getcwd()
+    except OSError:
+        cwd = ""
+    name = go_base(cwd) if cwd else "unknown"  # BuildKit's defaultSessionName
+    return name, f"{go_base(context_dir)}:{shared_key_for(context_dir)[:16]}"
+
+
+def _header_value(value: str) -> str | bytes:
+    """Header values go out as the bytes of the string, as Go writes them: raw UTF-8 when a
+    directory name is not ASCII (dockerd 20.10 and 26.1 accept that)."""
+    return value if value.isascii() else value.encode("utf-8", "surrogateescape")
 
 
 @dataclass
@@ -74,13 +109,13 @@ class SessionRequest:
     methods: list[str]
     extra_headers: list[tuple[str, str]] = field(default_factory=list)
 
-    def headers(self) -> list[tuple[str, str]]:
+    def headers(self) -> list[tuple[str, str | bytes]]:
         hdrs = [
             ("Upgrade", "h2c"),
             ("Connection", "Upgrade"),
             (HEADER_UUID, self.session_id),
-            (HEADER_NAME, self.name),
-            (HEADER_SHARED_KEY, self.shared_key),
+            (HEADER_NAME, _header_value(self.name)),
+            (HEADER_SHARED_KEY, _header_value(self.shared_key)),
         ]
         hdrs += [(HEADER_METHOD, m) for m in self.methods]
         return hdrs + self.extra_headers

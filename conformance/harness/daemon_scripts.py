@@ -127,8 +127,8 @@ class ScriptDaemon(InstrumentedDaemon):
     def __init__(self, scenario=None, *, refuse: tuple[int, bytes] | None = None,
                  reason: str = "Switching Protocols", extra_headers: list[tuple[str, str]] = (),
                  coalesce: bool = False, session_wait: float = 5.0, transport: str = "h2",
-                 refuse_build: tuple[int, bytes] | None = None, hold_upgrade: float = 0.0):
-        super().__init__(scenario, transport=transport, session_wait=session_wait)
+                 refuse_build: tuple[int, bytes] | None = None, hold_upgrade: float = 0.0, generation: str = "n"):
+        super().__init__(scenario, transport=transport, session_wait=session_wait, generation=generation)
         self.refuse = refuse
         self.refuse_build = refuse_build
         self.hold_upgrade = hold_upgrade
@@ -211,9 +211,10 @@ class ScriptDaemon(InstrumentedDaemon):
 def run_client(client, context: str, fn=None, *, daemon_kw: dict | None = None, **run_kw):
     """Run the client once against a ScriptDaemon whose scenario is ``fn``.
 
+    The daemon plays the client's generation (dockerd 26.1's metadata for an n+1 client).
     Returns (daemon, run); a scenario bug raises HarnessError."""
     script = Script(fn) if fn is not None else None
-    with ScriptDaemon(script, **(daemon_kw or {})) as daemon:
+    with ScriptDaemon(script, **{"generation": client.generation, **(daemon_kw or {})}) as daemon:
         run = client.run(context, daemon.host, **run_kw)
     if script is not None:
         script.check(run)
@@ -265,7 +266,7 @@ def finish(stream: RpcStream, outcome: CallOutcome, timeout: float, *, packets: 
                 break
             outcome.messages.append(raw)
             if packets:
-                outcome.transcript.append("> " + dc.describe(Packet.FromString(raw)))
+                outcome.transcript.append("> " + dc.describe(dc.decode_packet(raw)))
     except RpcError as exc:
         outcome.code, outcome.details = exc.code, exc.details
         outcome.transcript.append(f"> call ended {exc.code.name}: {exc.details}")
@@ -297,7 +298,7 @@ def recv_packet(stream: RpcStream, timeout: float, transcript: list[str]) -> Pac
     if raw is None:
         transcript.append("> call ended OK")
         return None
-    packet = Packet.FromString(raw)
+    packet = dc.decode_packet(raw)
     transcript.append("> " + dc.describe(packet))
     return packet
 
@@ -335,11 +336,15 @@ def read_listing(stream: RpcStream, transcript: list[str], timeout: float = 20.0
             on_stat(len(listing.stats) - 1, packet.stat)
 
 
-def open_diffcopy(session: SessionRecord, dir_name: str | None, **options) -> RpcStream:
+def open_diffcopy(session: SessionRecord, dir_name: str | None, *, raw_metadata=None, **options) -> RpcStream:
+    """FileSync/DiffCopy with these options, sent as the daemon of the session's generation sends them;
+    ``raw_metadata`` replaces all of it with exactly these pairs."""
+    if raw_metadata is not None:
+        return session.conn.open_stream(DIFFCOPY, list(raw_metadata))
     metadata = [] if dir_name is None else [("dir-name", dir_name)]
     for key in ("followpaths", "exclude-patterns", "include-patterns", "override-excludes"):
         metadata += [(key, v) for v in options.get(key.replace("-", "_"), ())]
-    return session.conn.open_stream(DIFFCOPY, metadata)
+    return session.conn.open_stream(DIFFCOPY, session.filesync_metadata(metadata))
 
 
 @dataclass
@@ -399,7 +404,7 @@ def strict_transfer(stream: RpcStream, *, request=None, timeout: float = 20.0, b
                 t.violations.append("the call ended before every requested file was sent")
                 t.end.code = StatusCode.OK
                 return t
-            p = Packet.FromString(raw)
+            p = dc.decode_packet(raw)
             if p.type != dc.PACKET_DATA or p.data:
                 tr.append("> " + dc.describe(p))
             if p.type != dc.PACKET_DATA:
@@ -421,7 +426,7 @@ def strict_transfer(stream: RpcStream, *, request=None, timeout: float = 20.0, b
             t.contents[path] = b"".join(chunks[i])
         send_packet(stream, dc.fin_packet(), tr)
         after = finish(stream, CallOutcome(transcript=tr), timeout, packets=True)
-        packets = [Packet.FromString(m) for m in after.messages]
+        packets = [dc.decode_packet(m) for m in after.messages]
         t.fin_reply = bool(packets) and packets[0].type == dc.PACKET_FIN
         if len(packets) > 1 or (packets and not t.fin_reply):
             t.violations.append(f"packets after our FIN other than one FIN: {[dc.describe(p) for p in packets]}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import secrets
 import shutil
 import socket
 import tempfile
@@ -23,9 +24,26 @@ from urllib.parse import parse_qs, urlsplit
 
 import h11
 
+from reference import metadata as md_escaping
 from reference.transport.base import ClientConnection
 
 API_VERSION = "1.41"
+#: What dockerd 26.1 (generation n+1) adds to every FileSend call: the index of the exporter (one output: 0).
+EXPORTER_ID_KEY = "buildkit-attachable-exporter-id"
+
+
+def new_traceparent(trace_id: str | None = None) -> str:
+    """A W3C trace context as BuildKit 0.13 sends it: one trace per build, a new span per call."""
+    return f"00-{trace_id or secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+
+
+def escaped_like_dockerd_26(pairs) -> list[tuple[str, str]]:
+    """Metadata pairs as dockerd 26.1 sends them: every value of a key escaped (url.QueryEscape) as soon as
+    one is non-ASCII, followed by ``<key>-encoded: 1``; all-ASCII keys unchanged. Key order is kept."""
+    grouped: dict[str, list[str]] = {}
+    for key, value in pairs:
+        grouped.setdefault(key, []).append(value)
+    return [(key, value) for key, values in md_escaping.encode(grouped).items() for value in values]
 
 
 @dataclass
@@ -37,6 +55,8 @@ class SessionRecord:
     conn: ClientConnection | None = None
     opened_at: float = field(default_factory=time.monotonic)
     upgrade_response: bytes = b""
+    generation: str = "n"  # the daemon generation played on this session (the client's)
+    trace_id: str = field(default_factory=lambda: secrets.token_hex(16))
 
     def header_values(self, name: str) -> list[str]:
         name = name.lower()
@@ -48,6 +68,20 @@ class SessionRecord:
 
     def supports(self, method: str) -> bool:
         return method.lower() in {m.lower() for m in self.methods}
+
+    def filesync_metadata(self, pairs) -> list[tuple[str, str]]:
+        """The metadata of a FileSync call with these options, as the daemon of this session's generation
+        sends it: dockerd 20.10 (n) raw; dockerd 26.1 (n+1) escaped per key with markers, plus traceparent."""
+        if self.generation != "n+1":
+            return list(pairs)
+        return escaped_like_dockerd_26(pairs) + [("traceparent", new_traceparent(self.trace_id))]
+
+    def filesend_metadata(self, exporter_id: int = 0) -> list[tuple[str, str]]:
+        """The metadata of a FileSend call: none from dockerd 20.10; the exporter ID and a traceparent from
+        dockerd 26.1, to every client (the client must ignore what it does not know)."""
+        if self.generation != "n+1":
+            return []
+        return [(EXPORTER_ID_KEY, str(exporter_id)), ("traceparent", new_traceparent(self.trace_id))]
 
 
 @dataclass
@@ -72,9 +106,12 @@ Scenario = Callable[[BuildRecord], ScenarioResult]
 class InstrumentedDaemon:
     """``with InstrumentedDaemon(scenario) as d: client.run(ctx, d.host)``"""
 
-    def __init__(self, scenario: Scenario | None = None, *, transport: str = "h2", session_wait: float = 5.0):
+    def __init__(self, scenario: Scenario | None = None, *, transport: str = "h2", session_wait: float = 5.0,
+                 generation: str = "n"):
         self.scenario = scenario or (lambda build: ScenarioResult())
         self.transport = transport
+        # the daemon generation to play (the client's): n+1 sends metadata the way dockerd 26.1 does
+        self.generation = generation
         self.session_wait = session_wait
         self.dir = tempfile.mkdtemp(prefix="conf-fd-", dir="/tmp")
         self.socket_path = os.path.join(self.dir, "d.sock")
@@ -219,7 +256,7 @@ class InstrumentedDaemon:
         if session_id in self.sessions:
             self._respond(sock, conn, 400, json.dumps({"message": f"session {session_id} already exists"}).encode())
             return False
-        record = SessionRecord(headers, session_id)
+        record = SessionRecord(headers, session_id, generation=self.generation)
         with self._cond:
             self.sessions[session_id] = record
         head = self._upgrade_head()

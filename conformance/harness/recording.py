@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from reference import diffcopy as dc
 from reference.applier import TreeApplier
 from reference.errors import SessionError
-from reference.pb.fsutil_types_pb2 import Packet
 from reference.transport.base import RpcError, RpcStream
 
 
@@ -47,7 +46,7 @@ def receive_tree(stream: RpcStream, *, dest: str | None = None, previous=(), tim
                 if receiver.state is not dc.ReceiverState.FIN_SENT and receiver.state is not dc.ReceiverState.DONE:
                     result.error = result.error or "the sender ended the call before the transfer was complete"
                 break
-            packet = Packet.FromString(raw)
+            packet = dc.decode_packet(raw)
             result.transcript.append("> " + dc.describe(packet))
             if packet.type == dc.PACKET_STAT:
                 if packet.HasField("stat"):

@@ -1,4 +1,5 @@
-"""Daemon-side scenarios for the instrumented daemon, built from what dockerd 20.10 does."""
+"""Daemon-side scenarios for the instrumented daemon, built from what dockerd 20.10 does (and, for a
+generation n+1 client, with the metadata dockerd 26.1 sends)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def fetch(session: SessionRecord, dir_name: str | None, *, followpaths=(), exclu
     metadata += [("followpaths", p) for p in followpaths]
     metadata += [("exclude-patterns", p) for p in excludes]
     metadata += [("include-patterns", p) for p in includes]
-    metadata += list(extra_metadata)
+    # as the daemon of the session's generation sends them (dockerd 26.1 escapes non-ASCII keys); extras as given
+    metadata = session.filesync_metadata(metadata) + list(extra_metadata)
     stream = session.conn.open_stream(DIFFCOPY, metadata)
     try:
         return receive_tree(stream, previous=previous, timeout=timeout)

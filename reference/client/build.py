@@ -21,7 +21,7 @@ from urllib.parse import urlencode
 
 from ..dockerhost import EngineError, HttpConnection, connect, error_message
 from ..errors import SessionError
-from ..session import SessionRequest, new_session_id, open_session, shared_key_for
+from ..session import SessionRequest, new_session_id, open_session, session_identity
 from .methods import advertised_methods
 
 if TYPE_CHECKING:
@@ -33,11 +33,14 @@ if TYPE_CHECKING:
 # the build, see build().
 
 GENERATIONS = {
-    # generation: (file sync protocols advertised, token authority). n is the docker CLI 20.10, n+1 the
-    # docker CLI 26 with buildx 0.13; both advertise TarStream and refuse it (conformance/SPEC.md).
-    "n-1": (("tarstream",), False),  # and the 2017 request: Dockerfile as the /build body
-    "n": (("diffcopy", "tarstream"), True),
-    "n+1": (("diffcopy", "tarstream"), True),
+    # generation: (file sync protocols advertised, token authority, Secrets advertised without --secret).
+    # n is the docker CLI 20.10, n+1 the docker CLI 26 with buildx 0.13; both advertise TarStream and refuse
+    # it (conformance/SPEC.md). buildx serves Secrets on every build session (NOT_FOUND for an unknown ID),
+    # and SSH too, which we do not serve and so never advertise (METHODS-2). Session name and shared key:
+    # reference.session.session_identity.
+    "n-1": (("tarstream",), False, False),  # and the 2017 request: Dockerfile as the /build body
+    "n": (("diffcopy", "tarstream"), True, False),
+    "n+1": (("diffcopy", "tarstream"), True, True),
 }
 
 
@@ -117,7 +120,7 @@ def build(
 ) -> BuildResult:
     """Build ``context`` on the daemon at ``host`` (default ``DOCKER_HOST``)."""
     started = time.monotonic()
-    default_sync, default_authority = GENERATIONS[generation]
+    default_sync, default_authority, always_secrets = GENERATIONS[generation]
     filesync = tuple(filesync) if filesync else default_sync
     token_authority = default_authority if auth is None else auth == "v2"
     if len(outputs) > 1:
@@ -128,10 +131,10 @@ def build(
     dockerfile_path = os.path.abspath(dockerfile) if dockerfile else os.path.join(context_dir, "Dockerfile")
     # Generation n-1 is the 2017 request: the Dockerfile travels as the /build body.
     legacy_request = generation == "n-1"
-    methods = advertised_methods(filesync, exporting=bool(outputs), secrets=bool(secrets), auth=True,
+    advertise_secrets = always_secrets or bool(secrets)
+    methods = advertised_methods(filesync, exporting=bool(outputs), secrets=advertise_secrets, auth=True,
                                  token_authority=token_authority)
-    request = SessionRequest(new_session_id(), os.path.basename(context_dir) or context,
-                             shared_key_for(context_dir), methods)
+    request = SessionRequest(new_session_id(), *session_identity(context_dir, generation), methods)
     query = {
         "version": "2",
         "session": request.session_id,
@@ -171,7 +174,7 @@ def build(
         # HTTP/2 handshake before its first call, and polls health only after 1 s.
         response = _BuildResponse(query, host, body)
         services = _client_services(context_dir, dockerfile_path, legacy_request, filesync, secrets,
-                                    token_authority, outputs)
+                                    advertise_secrets, token_authority, outputs)
         handlers = services.handlers()
         if sorted(handlers) != methods:
             raise AssertionError(f"served methods {sorted(handlers)} differ from the advertised {methods}")
@@ -188,7 +191,7 @@ def build(
 
 
 def _client_services(context_dir: str, dockerfile_path: str, legacy_request: bool, filesync, secrets,
-                     token_authority: bool, outputs) -> "ClientServices":
+                     advertise_secrets: bool, token_authority: bool, outputs) -> "ClientServices":
     from .auth import AuthProvider
     from .services import ClientServices, SyncedDir, local_export_handler, tar_export_handler
 
@@ -200,7 +203,7 @@ def _client_services(context_dir: str, dockerfile_path: str, legacy_request: boo
             "context": SyncedDir(context_dir, owner=(0, 0)),
             "dockerfile": SyncedDir(os.path.dirname(dockerfile_path)),
         }
-    services = ClientServices(dirs, filesync=filesync, secrets=secrets,
+    services = ClientServices(dirs, filesync=filesync, secrets=secrets, advertise_secrets=advertise_secrets,
                               auth=AuthProvider(token_authority=token_authority))
     for out in outputs:
         make = local_export_handler if out.type == "local" else tar_export_handler

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2
 
 from .. import diffcopy as dc
 from ..errors import PeerError, ProtocolError
+from ..metadata import ENCODED_SUFFIX, decode_values
 from ..pb import filesync_pb2, secrets_pb2
 from ..pb.fsutil_types_pb2 import Packet, Stat
 from ..transport.base import RpcError, RpcStream, StatusCode
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
 
 #: Secrets larger than this are refused, as the docker CLI's provider does.
 MAX_SECRET_SIZE = 500 * 1024
+#: An export may fill the client's disk up to this much free space.
+EXPORT_MIN_FREE_DISK = 64 << 20
 
 
 @dataclass
@@ -81,7 +84,13 @@ def _check_forced_protocol(protocol: str) -> None:
 
 
 def _metadata_values(stream: RpcStream, key: str) -> list[str]:
-    return [v for k, v in stream.metadata if k == key]
+    """The values of ``key`` as the daemon meant them: a generation n+1 daemon escapes a key's values when
+    one is non-ASCII and marks it ``<key>-encoded``; unmarked values are taken as sent (META-DECODE-1)."""
+    found: dict[str, list[str]] = {key: [], key + ENCODED_SUFFIX: []}
+    for k, v in stream.metadata:
+        if k in found:
+            found[k].append(v)
+    return decode_values(found, key)
 
 
 class ClientServices:
@@ -94,6 +103,7 @@ class ClientServices:
         filesync: tuple[str, ...] = ("diffcopy", "tarstream"),
         export: Callable[[RpcStream], None] | None = None,
         secrets: dict[str, str] | None = None,
+        advertise_secrets: bool = False,  # also without secrets (buildx does; unknown IDs get NOT_FOUND)
         auth: "AuthProvider | None" = None,  # reference.client.auth.AuthProvider
         chunk_size: int = dc.GO_CHUNK_SIZE,
     ) -> None:
@@ -101,6 +111,7 @@ class ClientServices:
         self.filesync = filesync
         self.export = export
         self.secrets = secrets or {}
+        self.advertise_secrets = advertise_secrets or bool(self.secrets)
         self.auth = auth
         self.chunk_size = chunk_size
         self.streams: list[StreamStats] = []
@@ -120,7 +131,7 @@ class ClientServices:
         }
         if self.auth is not None:
             served.update(self.auth.handlers())
-        methods = advertised_methods(self.filesync, exporting=self.export is not None, secrets=bool(self.secrets),
+        methods = advertised_methods(self.filesync, exporting=self.export is not None, secrets=self.advertise_secrets,
                                      auth=self.auth is not None,
                                      token_authority=self.auth is not None and self.auth.token_authority)
         return {method: self._traced(served[method]) for method in methods}
@@ -347,9 +358,11 @@ def local_export_handler(dest: str, records: Callable[[StreamStats], None]) -> C
         started = time.monotonic()
         record = StreamStats(FILESEND_DIFFCOPY, protocol="diffcopy")
         os.makedirs(dest, mode=0o700, exist_ok=True)
-        from ..applier import TreeApplier  # exports only
+        from ..applier import TreeApplier, disk_limits  # exports only
+        from google.protobuf.message import DecodeError
 
-        receiver = dc.DiffCopyReceiver(merge=True, stat_filter=as_own)
+        limits = disk_limits(dest, dc.DEFAULT_LIMITS, EXPORT_MIN_FREE_DISK)
+        receiver = dc.DiffCopyReceiver(merge=True, stat_filter=as_own, limits=limits)
         applier = TreeApplier(dest, chown=None)
         complete = False
         try:
@@ -360,7 +373,10 @@ def local_export_handler(dest: str, records: Callable[[StreamStats], None]) -> C
                     if exc.code != StatusCode.CANCELLED:
                         raise
                     raw = None
-                actions = receiver.receive(Packet.FromString(raw)) if raw is not None else receiver.peer_closed()
+                try:
+                    actions = receiver.receive(dc.decode_packet(raw)) if raw is not None else receiver.peer_closed()
+                except DecodeError:
+                    raise ProtocolError("invalid packet from the daemon: not a fsutil Packet") from None
                 for action in actions:
                     if isinstance(action, dc.SendPacket):
                         if action.packet.type == dc.PACKET_REQ:
