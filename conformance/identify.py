@@ -46,7 +46,18 @@ def family_of(implementation: str) -> str | None:
     return f"{match.group(1)} {match.group(2)}.{match.group(3)}" + (via.group(0) if via else "")
 
 
-def _engine_generation(version: str) -> str | None:
+def families_of(implementation: str) -> list[str]:
+    """Every family a Known deviations line may name the implementation by: a docker CLI with buildx is
+    also 'buildx 0.13' (the plugin runs the build)."""
+    families = [family for family in (family_of(implementation),) if family]
+    plugin = re.search(r"\+ buildx v?(\d+)\.(\d+)", implementation)
+    if plugin:
+        families.insert(0, f"buildx {plugin.group(1)}.{plugin.group(2)}")
+    return families
+
+
+def engine_generation(version: str) -> str | None:
+    """The generation of a dockerd or docker CLI release: '20.10.24' -> 'n', '26.1.5' -> 'n+1'."""
     match = _VERSION.match(version)
     if not match:
         return None
@@ -91,7 +102,7 @@ def identify_daemon(host: str) -> Identity:
         # dockerd: an "Engine" component and the Server header its API router writes.
         engine = str(components["Engine"].get("Version", version))
         implementation = f"dockerd {engine}"
-        generation = _engine_generation(engine)
+        generation = engine_generation(engine)
         evidence.append(f"/version component Engine {engine}, Server header {server}")
     else:
         platform = (info.get("Platform") or {}).get("Name") or next(iter(components), None) or "daemon"
@@ -123,7 +134,7 @@ def identify_client_from_requests(requests: list[tuple[str, str, str]]) -> Ident
         if match:
             version = match.group(1)
             return Identity(f"docker CLI {version}", family_of(f"docker CLI {version}"),
-                            _engine_generation(version), evidence)
+                            engine_generation(version), evidence)
         match = _REFERENCE_AGENT.match(agent)
         if match:
             return Identity(f"reference-client {match.group(1)}", family_of(f"reference-client {match.group(1)}"),
@@ -147,4 +158,4 @@ def identify_client_from_version(report: str, generation: str | None) -> Identit
     if plugin:
         implementation += f" + {plugin.group(1)}"
     return Identity(implementation, family_of(f"docker CLI {match.group(1)}"),
-                    generation or _engine_generation(match.group(1)), [f"its own version report: {report}"])
+                    generation or engine_generation(match.group(1)), [f"its own version report: {report}"])

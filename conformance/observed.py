@@ -25,6 +25,7 @@ import sys
 from collections import defaultdict
 
 from .catalogue import load_catalogue
+from .identify import engine_generation
 
 TRAILER = "Real peers"
 _GRADE_ORDER = ("fails", "known deviation", "non-strict", "conforms")
@@ -42,6 +43,12 @@ def real_peer_name(implementation: str) -> str | None:
     return f"{match.group(1)} {match.group(2)}" if match else None
 
 
+def generation_of(peer: str) -> str | None:
+    """The generation a real peer speaks: buildx is n+1, dockerd and the docker CLI by their release."""
+    kind, version = peer.rsplit(" ", 1)
+    return "n+1" if kind == "buildx" else engine_generation(version)
+
+
 def _grade(record: dict, req_id: str) -> str | None:
     outcome, failed = record.get("outcome"), record.get("failed_requirement")
     if outcome == "PASS":
@@ -54,6 +61,7 @@ def _grade(record: dict, req_id: str) -> str | None:
 
 def observe(report_root: str) -> dict[str, dict[str, str]]:
     """{requirement ID: {real peer: grade}} over every results.json below report_root."""
+    catalogue = load_catalogue()
     seen: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
     for path in sorted(glob.glob(os.path.join(report_root, "*", "results.json"))):
         with open(path) as fh:
@@ -63,8 +71,13 @@ def observe(report_root: str) -> dict[str, dict[str, str]]:
             peers.discard(None)
             for req_id in record.get("requirements", []):
                 grade = _grade(record, req_id)
-                if grade:
-                    for peer in peers:
+                requirement = catalogue.get(req_id)
+                if not grade or requirement is None:
+                    continue
+                for peer in peers:
+                    # A case names the rules of every generation it knows; a peer is graded by its own.
+                    generation = generation_of(peer)
+                    if generation is None or requirement.applies_to(generation):
                         seen[req_id][peer].add(grade)
     # The worst grade of a peer's cases is its grade.
     return {req_id: {peer: next(g for g in _GRADE_ORDER if g in grades) for peer, grades in by_peer.items()}

@@ -22,8 +22,8 @@ import os
 import pytest
 
 from . import outcomes
-from .identify import family_of
-from .scratch import RunScratch
+from .identify import families_of
+from . import scratch
 from .targets import (
     PEER_PREFIX, ClientSpec, ClientTarget, DaemonSpec, attach_daemon, embedded_client_specs,
     embedded_daemon_specs, identify_client, peer_client_spec, peer_daemon_spec, start_peer_daemon,
@@ -67,6 +67,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "requirement(*ids): the requirement IDs (conformance/SPEC.md) a test checks")
     config.addinivalue_line("markers", "destructive: may corrupt or crash a non-conforming daemon")
+    config.addinivalue_line("markers", "slow: a long case (the thorough profile or a real peer's timers)")
     config.stash[_RESULTS_KEY] = []
     _CONFIG[0] = config
     report_dir = config.getoption("report_dir")
@@ -134,8 +135,8 @@ def _apply_known_deviations(request: pytest.FixtureRequest, implementation: str)
 
     if request.config.getoption("known_deviations") == "off":
         return
-    family = family_of(implementation)
-    if not family:
+    families = families_of(implementation)
+    if not families:
         return
     catalogue = load_catalogue()
     known = request.node.stash.setdefault(_DEVIATIONS_KEY, {})
@@ -143,7 +144,7 @@ def _apply_known_deviations(request: pytest.FixtureRequest, implementation: str)
         for req_id in mark.args:
             req = catalogue.get(req_id)
             text = (req.known_deviations or "") if req else ""
-            if family in text:
+            if any(family in text for family in families):
                 known[req_id] = f"known deviation of {implementation} from {req_id}: {text}"
 
 
@@ -226,7 +227,6 @@ def _wanted_requirements(config: pytest.Config) -> set[str] | None:
     return wanted
 
 
-_SCRATCH = RunScratch()
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -238,7 +238,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             config.hook.pytest_deselected(items=[item for item in items if item not in keep])
             items[:] = keep
     if any(str(item.path).startswith(_PACKAGE_DIR + os.sep) for item in items):
-        _SCRATCH.open()  # the run's temporary files, removed at pytest_unconfigure
+        scratch.RUN.open()  # the run's temporary files, removed at pytest_unconfigure
     for item in items:
         if item.get_closest_marker("destructive") and not config.getoption("allow_destructive"):
             daemon_param = getattr(item, "callspec", None) and item.callspec.params.get("daemon")
@@ -341,4 +341,4 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    _SCRATCH.close()
+    scratch.RUN.close()

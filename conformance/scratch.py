@@ -70,3 +70,8 @@ class RunScratch:
             os.environ["TMPDIR"] = tmpdir
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir = None
+
+
+# The one directory of this process's run (the plugin opens it for conformance cases, the project's own
+# tests/conftest.py for its tests).
+RUN = RunScratch()

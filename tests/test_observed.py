@@ -46,6 +46,16 @@ def test_grades_per_peer_take_the_worst_case_and_skip_unreached_requirements(tmp
     assert "ROLE-1" not in result, "the reference daemon is no real peer"
 
 
+def test_a_peer_is_graded_only_by_the_rules_of_its_generation(tmp_path):
+    # HEALTH-3 (1 s checks) binds n, HEALTH-5 (5 s checks) n+1: a case naming both grades each peer by one.
+    _write_run(tmp_path, "a", [_record(["HEALTH-3", "HEALTH-5"], "PASS", daemon="dockerd 20.10.24+dfsg1"),
+                               _record(["HEALTH-3", "HEALTH-5"], "PASS", daemon="dockerd 26.1.5+dfsg1")])
+    result = observed.observe(str(tmp_path))
+    assert result["HEALTH-3"] == {"dockerd 20.10.24": "conforms"}
+    assert result["HEALTH-5"] == {"dockerd 26.1.5": "conforms"}
+    assert observed.generation_of("buildx 0.13.1") == "n+1" and observed.generation_of("docker CLI 20.10.24") == "n"
+
+
 def test_rewrite_spec_adds_and_replaces_the_line_of_every_rule(tmp_path, monkeypatch):
     spec = tmp_path / "SPEC.md"
     shutil.copy(Path(catalogue.__file__).with_name("SPEC.md"), spec)
