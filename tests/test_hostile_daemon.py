@@ -345,3 +345,16 @@ def test_a_deep_honest_context_copied_into_a_build_leaves_a_daemon_that_restarts
     finally:
         daemon.close()
         remove_tree(ctx)
+
+
+def test_limits_set_on_the_command_line_are_the_ones_enforced(tmp_path):
+    """--max-depth and --max-path-length of ``python -m reference.daemon`` reach the receiver."""
+    ctx = honest_context(tmp_path)
+    with Daemon(args=["--generation", "n", "--max-depth", "7", "--max-path-length", "300"]) as daemon:
+        for sender, reason in ((deep_listing, "max_depth=7"), (long_path_listing, "max_path_length=300")):
+            router = FileSyncRouter(ctx, _send_until_refused(sender))
+            obs = run_build(daemon.host, ctx, handler_overrides={FILESYNC_DIFFCOPY: router}, timeout=60,
+                            hang_timeout=10)
+            assert not obs.ok and reason in (obs.error or ""), obs.describe()
+        assert_exact_build(daemon, ctx, str(tmp_path / "out"))  # an honest build within the limits
+    remove_tree(ctx)

@@ -34,6 +34,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="deadline of a health check (n: 10; n+1: 30, or 1.5 x the previous check if longer)")
     parser.add_argument("--max-message-size", type=int, default=None,
                         help="largest gRPC message received, bytes (n: 4 MiB, n+1: 16 MiB)")
+    defaults = DaemonConfig.__dataclass_fields__
+    parser.add_argument("--max-path-length", type=int, default=defaults["max_path_length"].default,
+                        help="longest received path, bytes (default: PATH_MAX less its NUL)")
+    parser.add_argument("--max-depth", type=int, default=defaults["max_depth"].default,
+                        help="deepest received path, in directories")
+    parser.add_argument("--max-entries", type=int, default=defaults["max_entries"].default,
+                        help="most entries of one listing")
+    parser.add_argument("--max-transfer-bytes", type=int, default=None,
+                        help="most file bytes of one transfer (default: the free disk space less --min-free-disk)")
+    parser.add_argument("--min-free-disk", type=int, default=defaults["min_free_disk"].default,
+                        help="bytes a transfer must leave free on the cache's filesystem")
     parser.add_argument("--cache-max-size", type=int, default=512 << 20, help="bytes")
     parser.add_argument("--cache-max-age", type=float, default=7 * 24 * 3600.0, help="seconds")
     parser.add_argument("--gc-interval", type=float, default=300.0, help="seconds")
@@ -47,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
             stall_timeout=args.stall_timeout, session_wait=args.session_wait,
             session_group_wait=args.session_group_wait, health_first=args.health_first,
             health_interval=args.health_interval, health_timeout=args.health_timeout,
-            max_message_size=args.max_message_size,
+            max_message_size=args.max_message_size, max_path_length=args.max_path_length,
+            max_depth=args.max_depth, max_entries=args.max_entries, max_transfer_bytes=args.max_transfer_bytes,
+            min_free_disk=args.min_free_disk,
             cache_max_size=args.cache_max_size, cache_max_age=args.cache_max_age, gc_interval=args.gc_interval,
         )
         daemon = Daemon(config, args.host)

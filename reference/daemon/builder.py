@@ -451,6 +451,7 @@ class Builder:
                 progress=(lambda n: vertex.status(status, n)) if vertex is not None else None,
                 previous=previous, on_change=lease.begin_sync, wire_metadata=wire,
                 limits=filesync.config_limits(self.config),  # DaemonConfig's receiver limits (issue 15)
+                min_free_disk=self.config.min_free_disk,
             )
             if result.changed or not lease.complete:
                 lease.sync_complete()
