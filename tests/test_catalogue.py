@@ -282,3 +282,19 @@ def test_catalogue_exports_as_json():
     data = json.loads(out.stdout)
     assert {r["id"] for r in data} == set(load_catalogue())
     assert all(r["level"] in ("MUST", "SHOULD", "MAY") for r in data)
+
+
+def test_every_rule_says_on_which_real_peers_it_was_observed(requirements):
+    """conformance.observed writes the lines from an interop run; a rule without one was added since."""
+    missing = [r.id for r in requirements.values() if not r.real_peers]
+    assert not missing, f"run `python -m conformance.observed reports/interop --write` (missing: {missing})"
+    for requirement in requirements.values():
+        if requirement.generations == ("n-1",):
+            assert requirement.real_peers.startswith("none"), requirement.id
+
+
+def test_retired_ids_are_not_rules_again(requirements):
+    text = SPEC_PATH.read_text(encoding="utf-8")
+    retired = text[text.index("## Retired requirements"):text.index("## Out of scope")]
+    ids = re.findall(r"^\* `([A-Z0-9-]+)`", retired, flags=re.M)
+    assert ids and not set(ids) & set(requirements)
