@@ -293,7 +293,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
             "actual": _text(getattr(exc, "actual", None)),
             "transcript": list(getattr(exc, "transcript", []) or []),
             "seed": getattr(exc, "seed", None),
+            "rerun": rerun_command(item, getattr(exc, "seed", None)),
         }
+        if grade in (outcomes.FAIL, outcomes.ERROR, outcomes.NON_STRICT, outcomes.XFAIL):
+            report.sections.append(("rerun this case", record["rerun"]))
         # travels with the report, so under xdist the controller collects every worker's records
         report.user_properties.append((_RECORD_PROPERTY, json.dumps(record)))
         for req in reqs:
@@ -302,6 +305,34 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 
 _RECORD_PROPERTY = "conformance-record"
+
+# Options that decide what a case runs against and how it is graded: a rerun repeats them.
+_RERUN_OPTIONS = (("daemon_under_test", "--daemon-under-test", None), ("client_under_test", "--client-under-test", None),
+                  ("daemon_generation", "--daemon-generation", "auto"),
+                  ("client_generation", "--client-generation", "auto"),
+                  ("known_deviations", "--known-deviations", "on"), ("conformance_profile", "--conformance-profile", "fast"))
+
+
+def rerun_command(item: pytest.Item, seed: str | None = None) -> str:
+    """A command that reruns exactly this case, pasted in a clone or wherever the suite is installed
+    (``--pyargs`` finds the module either way)."""
+    import shlex
+
+    module = getattr(getattr(item, "module", None), "__name__", None)
+    case = item.nodeid.split("::", 1)[1] if "::" in item.nodeid else item.name
+    selector = f"{module}::{case}" if module else item.nodeid
+    argv = ["python", "-m", "pytest", "--pyargs", selector, "-p", "no:cacheprovider"]
+    config = item.config
+    for name, flag, default in _RERUN_OPTIONS:
+        value = config.getoption(name)
+        if value not in (None, default):
+            argv += [flag, str(value)]
+    if config.getoption("allow_destructive"):
+        argv.append("--allow-destructive")
+    seed = seed or config.getoption("hypothesis_seed", None)
+    if seed:
+        argv.append(f"--hypothesis-seed={seed}")
+    return " ".join(shlex.quote(part) for part in argv)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -342,3 +373,38 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     scratch.RUN.close()
+
+
+_VERDICT_ORDER = (outcomes.ERROR, outcomes.FAIL, outcomes.NON_STRICT, outcomes.XFAIL, outcomes.UNSUPPORTED)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """One line per requirement that did not PASS on a target, the counts in the grading's own words, and
+    where the report is."""
+    if hasattr(config, "workerinput"):
+        return
+    results = [r for r in config.stash.get(_RESULTS_KEY, []) if r["requirements"]]
+    if not results:
+        return
+    from .report import summarise
+
+    summary = summarise(results)
+    lines = []
+    for req_id, entry in sorted(summary["requirements"].items()):
+        for target, verdict in sorted(entry["targets"].items()):
+            if verdict in _VERDICT_ORDER:
+                lines.append((_VERDICT_ORDER.index(verdict), f"{verdict:<11} {req_id} ({entry['level']}) on "
+                                                              f"{target}: {entry['title']}"))
+    write = terminalreporter.write_line
+    terminalreporter.section("conformance verdicts")
+    for _, line in sorted(lines):
+        write(line)
+    counts = {}
+    for record in results:
+        counts[record["outcome"]] = counts.get(record["outcome"], 0) + 1
+    order = (outcomes.PASS, outcomes.FAIL, outcomes.NON_STRICT, outcomes.UNSUPPORTED, outcomes.XFAIL, outcomes.ERROR)
+    write("cases: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in order)
+          + (f", {counts['SKIPPED']} not applicable" if counts.get("SKIPPED") else ""))
+    report_dir = config.getoption("report_dir")
+    write(f"report: {os.path.abspath(report_dir)}/summary.md (results.json, junit.xml)" if report_dir
+          else "report: pass --report-dir DIR for summary.md, results.json and junit.xml")

@@ -86,6 +86,8 @@ def render_markdown(summary: dict, results: list[dict], options: dict) -> str:
             out.append(f"### {r['outcome']}: `{r['nodeid']}`")
             out.append("")
             out.append("Requirements: " + (", ".join(r["requirements"]) or "none"))
+            if r.get("rerun"):
+                out += ["", f"Rerun: `{r['rerun']}`"]
             if r["expected"] is not None:
                 out += ["", f"- Expected: {r['expected']}", f"- Actual: {r['actual']}"]
             if r["seed"]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -70,3 +71,22 @@ def test_requirement_option_selects_the_cases_of_those_ids(pytester):
     typo = pytester.runpytest_subprocess("--requirement", "HANDSHAKE-99", "-p", "no:cacheprovider")
     assert typo.ret != 0
     typo.stderr.re_match_lines([r".*--requirement: not in conformance/SPEC.md: HANDSHAKE-99.*"])
+
+
+def test_terminal_verdicts_and_a_rerun_command_per_case(pytester):
+    pytester.makepyfile(test_tiny=SUITE)
+    report_dir = pytester.path / "reports"
+    result = pytester.runpytest_subprocess("--report-dir", str(report_dir), "-p", "no:cacheprovider")
+    result.stdout.re_match_lines([r"=+ conformance verdicts =+",
+                                  r"ERROR +METHODS-2 \(MUST\) on core: .*",
+                                  r"FAIL +HANDSHAKE-2 \(MUST\) on core: .*",
+                                  r"NON-STRICT +HANDSHAKE-3 \(SHOULD\) on core: .*",
+                                  r"UNSUPPORTED +METHODS-1 \(MUST\) on core: .*",
+                                  r"cases: 1 PASS, 1 FAIL, 1 NON-STRICT, 1 UNSUPPORTED, 0 XFAIL, 1 ERROR",
+                                  rf"report: {report_dir}/summary.md .*"])
+    result.stdout.re_match_lines([r".*rerun this case.*", r"python -m pytest --pyargs test_tiny::test_fail .*"])
+    data = json.loads((report_dir / "results.json").read_text())
+    rerun = next(t["rerun"] for t in data["tests"] if t["name"] == "test_fail")
+    assert rerun.startswith("python -m pytest --pyargs test_tiny::test_fail ")
+    again = pytester.run(*rerun.replace("python", sys.executable, 1).split())
+    again.stdout.re_match_lines([r".*1 failed in .*"])  # exactly that case, nothing else
