@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Iterator
 
 from . import peers
-from .realpeers import DOCKER_CLI, BUSYBOX_STATIC, PrivateDockerd, _start_time, no_docker_reason, unix_http_get
+from .owners import owner_alive, owner_line
+from .realpeers import DOCKER_CLI, BUSYBOX_STATIC, PrivateDockerd, no_docker_reason, unix_http_get
 
 DEFAULT_IMAGES = ("docker:20.10-dind", "docker:26.1-dind")
 IMAGES_ENV = "SESSION_DIND_IMAGE"  # comma-separated, like --dind-image
@@ -346,11 +347,7 @@ def reap_orphaned_containers(host_url: str) -> list[str]:
     removed = []
     try:
         for container in client.containers.list(all=True, filters={"label": _OWNER_LABEL}):
-            try:
-                pid, start = container.labels[_OWNER_LABEL].split()
-            except ValueError:
-                continue
-            if _start_time(int(pid)) == start:
+            if owner_alive(container.labels[_OWNER_LABEL]):
                 continue
             container.remove(force=True)
             removed.append(container.name)
@@ -359,10 +356,10 @@ def reap_orphaned_containers(host_url: str) -> list[str]:
     for directory in glob.glob("/tmp/dsc-dind-*"):
         owner = Path(directory, "owner")
         try:
-            pid, start = owner.read_text().split()
-        except (OSError, ValueError):
+            line = owner.read_text()
+        except OSError:
             continue
-        if _start_time(int(pid)) != start:
+        if not owner_alive(line):
             shutil.rmtree(directory, ignore_errors=True)
     return removed
 
@@ -420,8 +417,7 @@ class DindDaemon:
         reap_orphaned_containers(self.host_url)
         # Short on purpose: the socket path must fit in sun_path (108 bytes).
         self.dir = Path(tempfile.mkdtemp(prefix="dsc-dind-", dir="/tmp"))
-        own_pid = os.getpid()
-        owner = f"{own_pid} {_start_time(own_pid)}"
+        owner = owner_line()
         (self.dir / "owner").write_text(owner + "\n")
         # As for PrivateDockerd: /_ping then advertises "Builder-Version: 2", which clients use to pick BuildKit.
         (self.dir / "daemon.json").write_text(json.dumps(self.daemon_config))

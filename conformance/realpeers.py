@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from . import peers
+from .owners import owner_alive, owner_line
 
 DEFAULT_DAEMON = "dockerd-20.10"
 DEFAULT_CLIENT = "docker-cli-20.10"
@@ -194,16 +195,6 @@ def _pids_belonging_to(directory: str) -> list[int]:
     return sorted(depth, key=lambda pid: -depth[pid])
 
 
-def _start_time(pid: int) -> str | None:
-    """Kernel start time of pid (field 22 of /proc/PID/stat): tells a live owner from a reused pid."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return stat[stat.rindex(b")") + 2 :].split()[19].decode()
-
-
 def _forget_shim(argv: list[str]) -> None:
     """Remove what a SIGKILLed containerd-shim-runc-v2 would have removed on a clean exit."""
     options = dict(zip(argv[1::2], argv[2::2]))
@@ -268,10 +259,9 @@ def reap_orphaned_daemons() -> list[str]:
     for owner_file in glob.glob(f"{_DIR_ROOT}/{_DIR_PREFIX}*/owner"):
         directory = os.path.dirname(owner_file)
         try:
-            owner_pid, owner_start = Path(owner_file).read_text().split()
-        except (OSError, ValueError):
-            continue
-        if _start_time(int(owner_pid)) == owner_start:
+            if owner_alive(Path(owner_file).read_text()):
+                continue
+        except OSError:
             continue
         try:
             dockerd_pid = int(Path(directory, "pid").read_text())
@@ -410,9 +400,8 @@ class PrivateDockerd:
         return self
 
     def _launch(self) -> None:
-        own_pid = os.getpid()
         # Lets reap_orphaned_daemons() tell a daemon whose owner died from one still in use.
-        (self.dir / "owner").write_text(f"{own_pid} {_start_time(own_pid)}\n")
+        (self.dir / "owner").write_text(owner_line() + "\n")
         config = dict(self.daemon_config)
         # The libtrust key otherwise goes to /etc/docker/key.json, shared by every daemon on the host.
         config.setdefault("deprecated-key-path", str(self.dir / "key.json"))

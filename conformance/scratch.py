@@ -12,17 +12,10 @@ import os
 import shutil
 import tempfile
 
+from .owners import owner_alive, owner_line
+
 _PREFIX = "conf-run-"
 _OWNER = "owner"
-
-
-def _start_time(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-    except OSError:
-        return None
-    return stat[stat.rindex(b")") + 2:].split()[19].decode()
 
 
 def reap_orphans(base: str) -> list[str]:
@@ -30,10 +23,11 @@ def reap_orphans(base: str) -> list[str]:
     removed = []
     for owner_file in glob.glob(os.path.join(base, f"{_PREFIX}*", _OWNER)):
         try:
-            pid, started = open(owner_file).read().split()
-        except (OSError, ValueError):
+            with open(owner_file) as fh:
+                line = fh.read()
+        except OSError:
             continue
-        if _start_time(int(pid)) != started:
+        if not owner_alive(line):
             shutil.rmtree(os.path.dirname(owner_file), ignore_errors=True)
             removed.append(os.path.dirname(owner_file))
     return removed
@@ -52,9 +46,8 @@ class RunScratch:
             reap_orphans(self.base)
             # Short, under the usual temporary directory: unix socket paths of daemons live below it.
             self.dir = tempfile.mkdtemp(prefix=_PREFIX, dir=self.base)
-            pid = os.getpid()
             with open(os.path.join(self.dir, _OWNER), "w") as fh:
-                fh.write(f"{pid} {_start_time(pid)}\n")
+                fh.write(owner_line() + "\n")
             self._saved = (tempfile.tempdir, os.environ.get("TMPDIR"))
             tempfile.tempdir = self.dir
             os.environ["TMPDIR"] = self.dir  # for the daemons and clients the suite starts

@@ -102,8 +102,27 @@ def embedded_client_specs() -> list[ClientSpec]:
                        implementation="reference-client 0.1 (n+1)")]
 
 
+class _Identified:
+    """What a daemon and a client target share: the generation they are graded by (claimed, else as
+    identified, else n+1) and the family their known deviations are listed under."""
+
+    spec: DaemonSpec | ClientSpec
+    implementation: str
+    identity: Identity | None
+
+    @property
+    def generation(self) -> str:
+        if self.spec.generation != "auto":
+            return self.spec.generation
+        return (self.identity.generation if self.identity else None) or "n+1"
+
+    @property
+    def family(self) -> str | None:
+        return family_of(self.implementation)
+
+
 @dataclass
-class DaemonTarget:
+class DaemonTarget(_Identified):
     spec: DaemonSpec
     host: str
     implementation: str
@@ -118,15 +137,6 @@ class DaemonTarget:
     def name(self) -> str:
         return self.spec.name
 
-    @property
-    def generation(self) -> str:
-        if self.spec.generation != "auto":
-            return self.spec.generation
-        return (self.identity.generation if self.identity else None) or "n+1"
-
-    @property
-    def family(self) -> str | None:
-        return family_of(self.implementation)
 
     @property
     def timing(self):
@@ -228,7 +238,7 @@ class ClientRun:
 
 
 @dataclass
-class ClientTarget:
+class ClientTarget(_Identified):
     spec: ClientSpec
     implementation: str
     identity: Identity | None = None
@@ -237,15 +247,6 @@ class ClientTarget:
     def name(self) -> str:
         return self.spec.name
 
-    @property
-    def generation(self) -> str:
-        if self.spec.generation != "auto":
-            return self.spec.generation
-        return (self.identity.generation if self.identity else None) or "n+1"
-
-    @property
-    def family(self) -> str | None:
-        return family_of(self.implementation)
 
     def argv(self, context: str, extra_args: list[str] = ()) -> list[str]:
         out = []

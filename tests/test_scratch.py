@@ -6,6 +6,7 @@ import sys
 import tempfile
 
 from conformance import scratch
+from conformance.owners import owner_line
 
 
 def test_open_redirects_tempfile_and_tmpdir_and_close_removes_everything(tmp_path, monkeypatch):
@@ -29,6 +30,6 @@ def test_directories_of_dead_owners_are_reaped_and_live_ones_kept(tmp_path):
     (dead / "owner").write_text("999999999 1\n")
     alive = tmp_path / "conf-run-alive"
     alive.mkdir()
-    (alive / "owner").write_text(f"{os.getpid()} {scratch._start_time(os.getpid())}\n")
+    (alive / "owner").write_text(owner_line() + "\n")
     assert scratch.reap_orphans(str(tmp_path)) == [str(dead)]
     assert alive.exists() and not dead.exists()
