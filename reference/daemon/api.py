@@ -1,8 +1,9 @@
-"""Engine API routes: the subset the docker CLI 20.10 uses around ``docker build``.
+"""Engine API routes: the subset the docker CLI 20.10 and buildx use around ``docker build``.
 
 Every route answers with and without a ``/vX.Y`` prefix; versions outside
 1.12 up to the generation's API version (1.41 for n, 1.45 for n+1) are
-refused like dockerd does.  Unknown routes get dockerd's 404.
+refused like dockerd does.  Unknown routes get dockerd's 404.  ``POST /grpc`` (generations n and n+1)
+is BuildKit's Control API, reference/daemon/grpcapi.py.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import asdict
 from .builder import BadRequest, Builder, BuildOptions, go_arch
 from .cache import ContextCache
 from .config import API_VERSION, ENGINE_VERSION, MIN_API_VERSION, DaemonConfig
+from .grpcapi import GrpcEndpoint
 from .httpserver import Exchange, Request
 from .images import ImageNotFound, ImageStore
 from .progress import ProgressWriter
@@ -27,6 +29,8 @@ from .sessions import SessionManager
 
 log = logging.getLogger("reference.daemon.api")
 
+# reference.dockerhost's User-Agent: the project's Python clients and suite
+OWN_USER_AGENT = "docker-session-reference/"
 _VERSION_PREFIX = re.compile(r"^/v([0-9]+(?:\.[0-9]+)?)(/.*)$")
 _IMAGE_JSON = re.compile(r"^/images/(.+)/json$")
 _IMAGE = re.compile(r"^/images/(.+)$")
@@ -43,12 +47,13 @@ def default_headers(config: DaemonConfig | None = None) -> list[tuple[str, str]]
 
 class EngineApi:
     def __init__(self, config: DaemonConfig, sessions: SessionManager, cache: ContextCache,
-                 images: ImageStore, builder: Builder):
+                 images: ImageStore, builder: Builder, grpc: GrpcEndpoint | None = None):
         self.config = config
         self.sessions = sessions
         self.cache = cache
         self.images = images
         self.builder = builder
+        self.grpc = grpc  # POST /grpc (BuildKit's Control API); None: the generation has no such route
         self.started_at = time.time()
         self.requests_seen: list[str] = []  # "METHOD /path" of every request (the stats endpoint shows them)
         self._lock = threading.Lock()
@@ -91,6 +96,8 @@ class EngineApi:
             ("GET", "/images/json"): self.images_list,
             ("GET", "/_reference/stats"): self.stats,
         }
+        if self.grpc is not None:
+            fixed[("POST", "/grpc")] = self.grpc.handle
         handler = fixed.get((method, path))
         if handler is not None:
             return handler, ()
@@ -115,6 +122,12 @@ class EngineApi:
 
     def version(self, request: Request, exchange: Exchange) -> None:
         kernel = platform.release()
+        timers = self.config.timers()
+        if not (request.header("user-agent") or "").startswith(OWN_USER_AGENT):
+            # Go clients (the docker CLI, buildx, which asks before every build) decode a component's Details
+            # as map[string]string: any other value fails the whole answer. The project's own clients get the
+            # timers as an object.
+            timers = json.dumps(timers, sort_keys=True)
         api_version, engine_version = self.config.api_version, self.config.engine_version
         details = {"ApiVersion": api_version, "Arch": go_arch(), "BuildTime": "", "Experimental": "true",
                    "GitCommit": "reference", "GoVersion": f"python{sys.version.split()[0]}",
@@ -126,7 +139,7 @@ class EngineApi:
                 # the timers in effect, so a suite can judge this daemon's schedule by them
                 {"Name": "reference-daemon", "Version": f"0.1.0 ({self.config.generation})",
                  "Details": {"Generation": self.config.generation, "Transport": self.config.transport,
-                             "Timers": self.config.timers()}},
+                             "Timers": timers}},
             ],
             "Version": engine_version,
             "ApiVersion": api_version,
@@ -175,6 +188,7 @@ class EngineApi:
             "sessions_started": self.sessions.total_started,
             "requests": list(self.requests_seen),
             "threads": threading.active_count(),
+            **({"grpc": self.grpc.stats()} if self.grpc is not None else {}),
         })
 
     # -- sessions and builds -------------------------------------------------------

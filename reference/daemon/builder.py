@@ -133,6 +133,7 @@ class BuildRecord:
     error: str = ""
     started_at: float = field(default_factory=time.time)
     seconds: float = 0.0
+    entry: str = "/build"  # the Engine API route that started it: /build, or /grpc (BuildKit's Control API)
 
 
 @dataclass
@@ -217,6 +218,42 @@ def _remove_build_dir(path: str) -> None:
         log.warning("could not remove build directory %s: %s", path, exc)
 
 
+@dataclass
+class Frontend:
+    """What the Dockerfile frontend made of one request: the plan and the context's exclusions
+    (BuildKit's frontend answer, before anything of the context has been transferred)."""
+
+    options: BuildOptions
+    plan: Plan
+    excludes: list[str]
+
+
+@dataclass
+class BuildState:
+    """One build between its phases: the frontend (Dockerfile and .dockerignore), the solve
+    (context, base image, steps) and the export. ``/build`` runs the phases in one go; the
+    Control API (reference/daemon/control.py) runs them as the gateway calls arrive."""
+
+    options: BuildOptions
+    record: BuildRecord
+    cancelled: threading.Event
+    workdir: str
+    started: float = field(default_factory=time.monotonic)
+    leases: list[Lease] = field(default_factory=list)
+    trace: TraceEmitter | None = None
+    calls: CallMetadata | None = None
+    session: Session | None = None
+    protocol: str = ""
+    # the solve's result
+    layers: list[dict] = field(default_factory=list)
+    base: BaseImage | None = None
+    previous: list[str] = field(default_factory=list)  # digest of the last step's vertex
+
+    @property
+    def rootfs(self) -> str:
+        return os.path.join(self.workdir, "rootfs")
+
+
 class Builder:
     def __init__(self, config: DaemonConfig, sessions: SessionManager, cache: ContextCache, images: ImageStore):
         self.config = config
@@ -238,51 +275,72 @@ class Builder:
         event.set()
         return True
 
-    # -- entry point ------------------------------------------------------------
-    def run(self, options: BuildOptions, writer: ProgressWriter, cancelled: threading.Event) -> BuildRecord:
-        record = BuildRecord(options.build_id, options.session_id, options.version)
+    # -- a build's life ---------------------------------------------------------
+    def begin(self, options: BuildOptions, cancelled: threading.Event, *, entry: str = "/build") -> BuildState:
+        """Register a build (its record, its cancel event under its id) and name its directory."""
+        record = BuildRecord(options.build_id, options.session_id, options.version, entry=entry)
         if options.build_id:
             with self._records_lock:
                 self._running[options.build_id] = cancelled
-        started = time.monotonic()
         workdir = self.config.path("tmp", hashlib.sha256(os.urandom(16)).hexdigest()[:16])
-        leases: list[Lease] = []
+        return BuildState(options, record, cancelled, workdir)
+
+    def end(self, state: BuildState) -> None:
+        """Release what the build holds and store its record (before the client learns the outcome)."""
+        for lease in state.leases:
+            lease.release()
+        # removing a large tree takes seconds: not on the client's time
+        threading.Thread(target=_remove_build_dir, args=(state.workdir,), name="build-cleanup", daemon=True).start()
+        record = state.record
+        record.seconds = time.monotonic() - state.started
+        with self._records_lock:
+            if self._running.get(state.options.build_id) is state.cancelled:
+                self._running.pop(state.options.build_id, None)
+            self.records.append(record)
+            del self.records[:-200]
+        self._log_record(record)
+
+    def failure(self, state: BuildState, exc: BaseException) -> str:
+        """The message a failed build reports (redacted), recorded on its record."""
+        if isinstance(exc, BuildError):
+            message = self.redact(str(exc))
+        else:  # a bug: still end the build with a message
+            log.error("build %s failed", state.options.build_id, exc_info=exc)
+            message = self.redact(f"internal error: {exc}")
+        state.record.error = message
+        return message
+
+    def collect_garbage(self) -> None:
+        try:
+            self.cache.gc()
+        except OSError:
+            log.exception("cache gc failed")
+
+    # -- entry point ------------------------------------------------------------
+    def run(self, options: BuildOptions, writer: ProgressWriter, cancelled: threading.Event) -> BuildRecord:
+        state = self.begin(options, cancelled)
+        record = state.record
         error = None
         try:
-            os.makedirs(os.path.join(workdir, "rootfs"), mode=0o755)
+            os.makedirs(state.rootfs, mode=0o755)
             if options.version == "2":
-                self._run_v2(options, writer, cancelled, record, workdir, leases)
+                self._run_v2(state, writer)
             else:
-                self._run_v1(options, writer, cancelled, record, workdir, leases)
-        except BuildError as exc:
-            error = record.error = self.redact(str(exc))
+                self._run_v1(options, writer, cancelled, record, state.workdir, state.leases)
         except ClientGone:
             record.error = "the client went away"
             cancelled.set()
-        except Exception as exc:  # a bug: still end the build with a message
-            log.exception("build %s failed", options.build_id)
-            error = record.error = self.redact(f"internal error: {exc}")
+        except Exception as exc:
+            error = self.failure(state, exc)
         finally:
-            for lease in leases:
-                lease.release()
-            # removing a large tree takes seconds: not on the client's time
-            threading.Thread(target=_remove_build_dir, args=(workdir,), name="build-cleanup", daemon=True).start()
-            record.seconds = time.monotonic() - started
-            with self._records_lock:
-                self._running.pop(options.build_id, None)
-                self.records.append(record)
-                del self.records[:-200]
-            self._log_record(record)
+            self.end(state)
         # the record is stored before the client learns the outcome
         if error is not None:
             try:
                 writer.error(error)
             except ClientGone:
                 pass
-        try:
-            self.cache.gc()
-        except OSError:
-            log.exception("cache gc failed")
+        self.collect_garbage()
         return record
 
     def _log_record(self, record: BuildRecord) -> None:
@@ -293,17 +351,43 @@ class Builder:
             pass
 
     # -- BuildKit path ----------------------------------------------------------
-    def _run_v2(self, options, writer, cancelled, record, workdir, leases) -> None:
-        trace = TraceEmitter(writer, options.build_id or os.urandom(8).hex())
+    def _run_v2(self, state: BuildState, writer: ProgressWriter) -> None:
+        options = state.options
+        state.trace = TraceEmitter(writer, options.build_id or os.urandom(8).hex())
+        frontend = self.load_frontend(state, options)
+        # exports need the whole tree on disk; an image only needs the layers, so steps may be cached
+        self.solve(state, frontend, use_cache=options.output is None and not options.no_cache)
+        if options.output is not None and options.output.get("Type") in ("local", "tar"):
+            self.export_to_client(state, options.output["Type"], "exporting to client")
+            return
+        if options.output is not None:  # cacheonly: nothing to export
+            return
+        image_id = self.export_image(state, frontend, options.tags)
+        writer.aux("moby.image.id", {"ID": image_id})
+        if options.quiet:
+            writer.stream(image_id + "\n")
+
+    def _calls(self, state: BuildState) -> CallMetadata:
+        if state.calls is None:
+            state.calls = CallMetadata(self.config.profile)
+        return state.calls
+
+    def load_frontend(self, state: BuildState, options: BuildOptions) -> Frontend:
+        """The Dockerfile and .dockerignore transfers and the plan: what BuildKit's Dockerfile frontend does
+        before it hands back its result (the session is looked up here, waiting for it as BuildKit does)."""
+        trace, cancelled, record, leases = state.trace, state.cancelled, state.record, state.leases
         profile = self.config.profile
         prefix = profile.frontend_error_prefix  # dockerd 20.10's wording; 26.1 has none
-        calls = CallMetadata(profile)
+        calls = self._calls(state)
         name = options.dockerfile_name
         vertex = trace.vertex(f"[internal] load build definition from {name}").start()
         try:
-            session = self.sessions.get(options.session_id, cancelled=cancelled)
-            protocol = filesync.negotiate(session, self.config.protocols, self.config.forced_protocol)
-            record.protocol = protocol
+            if state.session is None:
+                state.session = self.sessions.get(options.session_id, cancelled=cancelled)
+                state.protocol = filesync.negotiate(state.session, self.config.protocols,
+                                                    self.config.forced_protocol)
+                record.protocol = state.protocol
+            session, protocol = state.session, state.protocol
             followpaths = [name, name + ".dockerignore"] + (["dockerfile"] if name == "Dockerfile" else [])
             df_lease = self._acquire(session, "dockerfile", "dockerfile", leases)
             df_request = filesync.SyncRequest("dockerfile", followpaths=followpaths)
@@ -341,13 +425,21 @@ class Builder:
             plan = plan_build(text.decode("utf-8", "replace"), options)
         except dfp.DockerfileError as exc:
             raise BuildError(f"{prefix}failed to create LLB definition: {exc}") from None
+        return Frontend(options, plan, excludes)
 
+    def solve(self, state: BuildState, frontend: Frontend, *, use_cache: bool) -> None:
+        """The context transfer (only when a step copies from it), the base image and the steps, into
+        ``state.rootfs``; the layers land in ``state.layers``."""
+        trace, cancelled, record, leases = state.trace, state.cancelled, state.record, state.leases
+        session, protocol, plan = state.session, state.protocol, frontend.plan
+        prefix = self.config.profile.frontend_error_prefix
+        calls = self._calls(state)
         context_tree = context_listing = None
         if any(step.kind == "COPY" for step in plan.steps):
             vertex = trace.vertex("[internal] load build context").start()
             try:
                 context_lease = self._acquire(session, "context", "context", leases)
-                context_request = filesync.SyncRequest("context", exclude_patterns=excludes)
+                context_request = filesync.SyncRequest("context", exclude_patterns=frontend.excludes)
                 self._sync(session, protocol, context_request, context_lease, vertex, "context", cancelled, record,
                            wire=calls.filesync(context_request))
                 context_tree = context_lease.tree
@@ -357,19 +449,17 @@ class Builder:
                 vertex.fail(self.redact(str(exc)))
                 raise BuildError(f"{prefix}failed to load build context: {exc}") from None
 
-        rootfs = os.path.join(workdir, "rootfs")
+        rootfs = state.rootfs
         base = None
         if plan.base.lower() != "scratch":
             vertex = trace.vertex(f"[internal] load metadata for {plan.base}").start()
             try:
-                base = self._pull_base(plan.base, session, rootfs, workdir)
+                base = self._pull_base(plan.base, session, rootfs, state.workdir)
                 vertex.done()
             except BuildError as exc:
                 vertex.fail(self.redact(str(exc)))
                 raise BuildError(f"{prefix}failed to create LLB definition: {exc}") from None
-        # exports need the whole tree on disk; an image only needs the layers, so steps may be cached
-        runner = StepRunner(self, context_tree, rootfs, workdir,
-                            use_cache=options.output is None and not options.no_cache, base=base,
+        runner = StepRunner(self, context_tree, rootfs, state.workdir, use_cache=use_cache, base=base,
                             context_listing=context_listing)
         previous = []
         for index, step in enumerate(plan.steps, 1):
@@ -382,37 +472,38 @@ class Builder:
                 vertex.fail(self.redact(str(exc)))
                 raise BuildError(f"{prefix}failed to build: {exc}") from None
             previous = [vertex.digest]
-        layers = runner.layers
+        state.layers, state.base, state.previous = runner.layers, base, previous
 
-        if options.output is not None and options.output.get("Type") in ("local", "tar"):
-            vertex = trace.vertex("exporting to client", previous).start()
-            try:
-                _check(session, cancelled)
-                kind = options.output["Type"]
-                run = export.export_local if kind == "local" else export.export_tar
-                result = run(session, rootfs, cancelled=cancelled, stall_timeout=self.config.stall_timeout,
-                             progress=lambda n: vertex.status("copying files", n), metadata=calls.filesend(0))
-                record.export = asdict(result)
-                vertex.done()
-            except BuildError as exc:
-                vertex.fail(self.redact(str(exc)))
-                raise BuildError(f"failed to solve: {exc}") from None
-            return
-        if options.output is not None:  # cacheonly: nothing to export
-            return
-        vertex = trace.vertex("exporting to image", previous).start()
+    def export_to_client(self, state: BuildState, kind: str, vertex_name: str, *,
+                         error_prefix: str = "failed to solve: ") -> None:
+        """``state.rootfs`` to the client over FileSend: ``local`` (a tree) or ``tar``."""
+        session, cancelled = state.session, state.cancelled
+        vertex = state.trace.vertex(vertex_name, state.previous).start()
+        try:
+            _check(session, cancelled)
+            run = export.export_local if kind == "local" else export.export_tar
+            result = run(session, state.rootfs, cancelled=cancelled, stall_timeout=self.config.stall_timeout,
+                         progress=lambda n: vertex.status("copying files", n),
+                         metadata=self._calls(state).filesend(0))
+            state.record.export = asdict(result)
+            vertex.done()
+        except BuildError as exc:
+            vertex.fail(self.redact(str(exc)))
+            raise BuildError(f"{error_prefix}{exc}") from None
+
+    def export_image(self, state: BuildState, frontend: Frontend, tags: list[str]) -> str:
+        """The image into the store, tagged; returns its id (the config's digest)."""
+        vertex = state.trace.vertex("exporting to image", state.previous).start()
         vertex.status("exporting layers", 0, completed=True)
-        image_id = self._commit(plan, layers, options, base)
+        image_id = self._commit(frontend.plan, state.layers, frontend.options, state.base)
         vertex.status(f"writing image {image_id}", 0, completed=True)
-        for tag in options.tags:
+        for tag in tags:
             self.images.tag(image_id, tag)
             vertex.status(f"naming to docker.io/library/{normalize_tag(tag)}"
                           if "/" not in tag else f"naming to {normalize_tag(tag)}", 0, completed=True)
         vertex.done()
-        record.image_id = image_id
-        writer.aux("moby.image.id", {"ID": image_id})
-        if options.quiet:
-            writer.stream(image_id + "\n")
+        state.record.image_id = image_id
+        return image_id
 
     def _pull_base(self, reference: str, session: Session, rootfs: str, workdir: str) -> BaseImage:
         """Pull the base image into ``rootfs``, resolving registry auth through the session."""

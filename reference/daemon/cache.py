@@ -36,6 +36,7 @@ import string
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
+from typing import Callable
 
 from ..applier import remove_tree
 from .listing import TreeListing
@@ -356,6 +357,12 @@ class ContextCache:
         with self._lock:
             return sum(e.meta.size for e in self._entries.values())
 
+    def usage(self) -> list[dict]:
+        """Every entry as BuildKit's disk usage describes a record (times as Unix seconds), oldest first."""
+        with self._lock:
+            entries = sorted(self._entries.values(), key=lambda e: e.meta.created_at)
+            return [_usage(e) for e in entries]
+
     def prune(self, *, all: bool = True, older_than: float | None = None, keep_storage: int = 0) -> tuple[list[str], int]:
         """Delete unused entries; returns (ids, bytes reclaimed).
 
@@ -363,9 +370,22 @@ class ContextCache:
         ``older_than`` (seconds) keeps entries used more recently than that;
         ``keep_storage`` stops once the total is at most that many bytes.
         """
+        return self._delete(self._choose_for_prune(all, older_than, keep_storage))
+
+    def prune_usage(self, *, older_than: float | None = None, keep_storage: int = 0,
+                    selected: Callable[[dict], bool] = lambda usage: True) -> list[dict]:
+        """Delete unused entries as BuildKit's Prune does (every unused local source, with or without
+        --all); returns the deleted entries as :meth:`usage` describes them."""
+        chosen = self._choose_for_prune(True, older_than, keep_storage, selected)
+        usages = [_usage(e) for e in chosen]
+        self._delete(chosen)
+        return usages
+
+    def _choose_for_prune(self, all: bool, older_than: float | None, keep_storage: int,
+                          selected: Callable[[dict], bool] = lambda usage: True) -> list[CacheEntry]:
         now = time.time()
         with self._lock:
-            victims = [e for e in self._entries.values() if not e.in_use]
+            victims = [e for e in self._entries.values() if not e.in_use and selected(_usage(e))]
             if not all:
                 victims = [e for e in victims if not e.complete]
             if older_than is not None:
@@ -379,7 +399,7 @@ class ContextCache:
                 chosen.append(entry)
                 total -= entry.meta.size
                 del self._entries[entry.meta.id]
-        return self._delete(chosen)
+        return chosen
 
     def gc(self) -> tuple[list[str], int]:
         """Drop unused entries older than ``max_age``, then the least recently
@@ -417,6 +437,14 @@ class ContextCache:
         for trash in trashes:
             remove_quietly(trash)  # (what is left is removed at the next start)
         return ids, reclaimed
+
+
+def _usage(entry: CacheEntry) -> dict:
+    meta = entry.meta
+    return {"id": meta.id, "dir_name": meta.dir_name, "purpose": meta.purpose, "size": meta.size,
+            "created_at": meta.created_at, "last_used_at": meta.last_used_at, "usage_count": meta.usage_count,
+            "in_use": entry.in_use, "complete": entry.complete, "record_type": RECORD_TYPE,
+            "description": f"local source for {meta.dir_name or 'context'}"}
 
 
 def _rfc3339(ts: float) -> str:

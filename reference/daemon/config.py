@@ -35,6 +35,17 @@ class GenerationProfile:
     # what a build naming a session whose connection closed (not yet noticed by a health check) fails with:
     # grpc-go redials, and BuildKit's one-shot dialer refuses (bk session/grpc.go:37-43)
     redial_error: str
+    # POST /grpc, BuildKit's Control API and gateway (reference/daemon/control.py): buildx's way in.
+    control_api: bool = True  # dockerd 20.10 and 26.1 serve it; the 2017 design had no such route
+    # the worker of ListWorkers and Ping: dockerd 20.10 names it "moby"; 26.1 gives it a UUID (None: one per --root)
+    worker_id: str | None = "moby"
+    worker_cpu_levels: bool = False  # list the amd64 micro-architecture levels the CPU has (26.1), not just amd64
+    # BuildkitVersion.version in ListWorkers and Info; "": none, and Control/Info is unimplemented (20.10)
+    buildkit_version: str = ""
+    export_vertex_local: str = "exporting to client"  # the export's vertex on /grpc (measured)
+    export_vertex_tar: str = "exporting to client"
+    # the keys of an image export's SolveResponse (20.10: the image id alone)
+    image_exporter_response: tuple[str, ...] = ("containerimage.digest",)
 
 
 _BUILDKIT_0_8 = dict(
@@ -52,10 +63,10 @@ _BUILDKIT_0_8 = dict(
 
 PROFILES = {
     # n-1 models the 2017 design (TarStream; its health poll and session wait are 20.10's, near enough)
-    "n-1": GenerationProfile(protocols=("tarstream",), token_authority=False, **_BUILDKIT_0_8),
+    "n-1": GenerationProfile(protocols=("tarstream",), token_authority=False, control_api=False, **_BUILDKIT_0_8),
     # n: dockerd 20.10.24 (BuildKit 0.8)
     "n": GenerationProfile(protocols=("diffcopy",), token_authority=True, **_BUILDKIT_0_8),
-    # n+1: dockerd 26.1.5 (BuildKit 0.13.2), as measured (/work/notes/daemon-26.1.md)
+    # n+1: dockerd 26.1.5 (BuildKit 0.13.2), as measured (docs/observed/dockerd-26.1-against-the-suite.md)
     "n+1": GenerationProfile(
         protocols=("diffcopy",), token_authority=True, api_version="1.45", engine_version="26.1.5-reference",
         # bk13 session/grpc.go:87,93,106: 5 s ticker, deadline max(30 s, 1.5 x the previous check)
@@ -69,6 +80,9 @@ PROFILES = {
         probe_ignored_dockerignore=False,  # measured: no context transfer with followpaths .dockerignore then
         redial_error='rpc error: code = Unavailable desc = rpc error: code = Unavailable desc = connection error: '
                      'desc = "transport: Error while dialing: only one connection allowed"',
+        worker_id=None, worker_cpu_levels=True, buildkit_version="v0.13.2+reference",
+        export_vertex_local="exporting to client directory", export_vertex_tar="exporting to client tarball",
+        image_exporter_response=("containerimage.config.digest", "containerimage.digest", "image.name"),
     ),
 }
 

@@ -64,7 +64,7 @@ class ProgressWriter:
 class TraceEmitter:
     """Vertexes of one BuildKit build, sent as ``moby.buildkit.trace`` aux messages."""
 
-    def __init__(self, writer: ProgressWriter, build_id: str):
+    def __init__(self, writer: ProgressWriter | None, build_id: str):
         self.writer = writer
         self.build_id = build_id
         self._count = 0
@@ -80,6 +80,18 @@ class TraceEmitter:
     def publish(self, response: StatusResponse) -> None:
         data = base64.b64encode(response.SerializeToString()).decode("ascii")
         self.writer.aux("moby.buildkit.trace", data)
+
+
+class StatusEmitter(TraceEmitter):
+    """The same vertexes for BuildKit's Control API, where ``Control/Status`` streams the
+    ``StatusResponse`` messages themselves (``publish`` hands each one over)."""
+
+    def __init__(self, publish: Callable[[StatusResponse], None], build_id: str):
+        super().__init__(None, build_id)
+        self._publish = publish
+
+    def publish(self, response: StatusResponse) -> None:
+        self._publish(response)
 
 
 class VertexProgress:

@@ -12,9 +12,12 @@ from .api import EngineApi, default_headers
 from .builder import Builder
 from .cache import ContextCache
 from .config import DaemonConfig
+from .control import ControlService
+from .grpcapi import GrpcEndpoint
 from .httpserver import HttpServer
 from .images import ImageStore
 from .sessions import SessionManager
+from .solvebackend import BuilderBackend
 
 log = logging.getLogger("reference.daemon")
 
@@ -43,7 +46,11 @@ class Daemon:
         self.cache = ContextCache(config.path("cache"), max_size=config.cache_max_size, max_age=config.cache_max_age)
         self.images = ImageStore(config.path("images"))
         self.builder = Builder(config, self.sessions, self.cache, self.images)
-        self.api = EngineApi(config, self.sessions, self.cache, self.images, self.builder)
+        self.grpc = None
+        if config.profile.control_api:  # POST /grpc: the same builder, cache and images behind the Control API
+            backend = BuilderBackend(config, self.builder, self.cache, self.images)
+            self.grpc = GrpcEndpoint(config, ControlService(backend))
+        self.api = EngineApi(config, self.sessions, self.cache, self.images, self.builder, self.grpc)
         self.server = HttpServer(host, self.api, default_headers=default_headers(config), max_body=config.max_body)
         self._stop = threading.Event()
         self._gc_thread = threading.Thread(target=self._gc_loop, name="cache-gc", daemon=True)
@@ -71,6 +78,8 @@ class Daemon:
             return
         self._stop.set()
         self.server.close()
+        if self.grpc is not None:
+            self.grpc.close()
         self.sessions.close_all()
         self.cache.save_usage()  # what the usage writer has not written yet
         os.close(self._lock_fd)
