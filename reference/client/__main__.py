@@ -115,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--filesync", help="comma-separated: diffcopy,tarstream (default by generation)")
     b.add_argument("--auth", choices=["v1", "v2"], help="default by generation: n-1=v1, n and n+1=v2")
     b.add_argument("--transport", choices=["h2", "grpcio"], default="h2")
+    b.add_argument("--api", choices=["build", "grpc"], default=None,
+                   help="build: POST /build, as the docker CLI 20.10; grpc: Control/Solve on POST /grpc (BuildKit's "
+                        "Control API), as buildx; default by generation: n-1 and n build, n+1 grpc (build when "
+                        "the daemon has no /grpc)")
     b.add_argument("--stats-json", metavar="FILE")
     b.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
     args = parser.parse_args(argv)
@@ -147,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             filesync=tuple(args.filesync.split(",")) if args.filesync else None,
             auth=args.auth,
             transport=args.transport,
+            api=args.api,
             progress=progress,
             timeout=args.timeout,
         )

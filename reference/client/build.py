@@ -44,6 +44,13 @@ GENERATIONS = {
 }
 
 
+# The Engine API entry point of a build: POST /build, or BuildKit's Control API on POST /grpc
+# (reference/client/grpcsolve.py). By default each generation's real client's: the docker CLI 20.10 posts
+# /build; `docker build` of the docker CLI 26 is buildx, which solves over /grpc.
+APIS = ("build", "grpc")
+DEFAULT_API = {"n-1": "build", "n": "build", "n+1": "grpc"}
+
+
 class BuildError(SessionError):
     """The daemon reported the build as failed (or it hung past our timeout)."""
 
@@ -75,11 +82,12 @@ class BuildResult:
     methods: list[str]
     vertex_errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    api: str = "build"  # the entry point used: build (POST /build) or grpc (Control/Solve on POST /grpc)
 
     def stats_json(self) -> dict:
         from .services import stats_as_dicts
 
-        return {"image_id": self.image_id, "session_id": self.session_id, "seconds": self.seconds,
+        return {"image_id": self.image_id, "session_id": self.session_id, "seconds": self.seconds, "api": self.api,
                 "methods": self.methods, "calls": self.calls, "streams": stats_as_dicts(self.streams)}
 
 
@@ -117,8 +125,14 @@ def build(
     timeout: float | None = None,
     hang_timeout: float = 20.0,
     extra_query: dict[str, str] | None = None,
+    api: str | None = None,
 ) -> BuildResult:
-    """Build ``context`` on the daemon at ``host`` (default ``DOCKER_HOST``)."""
+    """Build ``context`` on the daemon at ``host`` (default ``DOCKER_HOST``).
+
+    ``api``: ``build`` (POST /build) or ``grpc`` (Control/Solve on POST /grpc); None: the generation's (n+1:
+    grpc, where the daemon has the Control API; a daemon that answers /grpc with 404 gets /build), or ``build``
+    when ``extra_query`` (more /build parameters) is given.
+    """
     started = time.monotonic()
     default_sync, default_authority, always_secrets = GENERATIONS[generation]
     filesync = tuple(filesync) if filesync else default_sync
@@ -131,6 +145,11 @@ def build(
     dockerfile_path = os.path.abspath(dockerfile) if dockerfile else os.path.join(context_dir, "Dockerfile")
     # Generation n-1 is the 2017 request: the Dockerfile travels as the /build body.
     legacy_request = generation == "n-1"
+    entry = api or ("build" if extra_query else DEFAULT_API[generation])
+    if entry not in APIS:
+        raise ValueError(f"unknown api {entry!r} (build or grpc)")
+    if entry == "grpc" and (legacy_request or extra_query):
+        raise ValueError("--api grpc needs generation n or n+1 and no extra /build parameters")
     advertise_secrets = always_secrets or bool(secrets)
     methods = advertised_methods(filesync, exporting=bool(outputs), secrets=advertise_secrets, auth=True,
                                  token_authority=token_authority)
@@ -166,28 +185,63 @@ def build(
         query["pull"] = "1"
     query.update(extra_query or {})
 
-    sock, leftover = open_session(request, host)
+    control = None  # the /grpc connection and its socket
+    if entry == "grpc":
+        from . import grpcsolve
+
+        try:
+            control = grpcsolve.open_control(host, transport)
+        except EngineError as exc:
+            if api is not None or exc.status != 404:
+                raise
+            entry = "build"  # no Control API (the 2017 design; a suite's instrumented daemon)
+    try:
+        if control is not None:
+            if not grpcsolve.list_workers(control[0]):  # buildx asks first, too
+                raise BuildError("the daemon has no BuildKit worker (Control/ListWorkers is empty)")
+        sock, leftover = open_session(request, host)
+    except BaseException:
+        _close_control(control)
+        raise
     server = response = None
     try:
         # The daemon looks up the session, parses the request and starts solving
         # while we import and start the serving side; it waits for the session's
         # HTTP/2 handshake before its first call, and polls health only after 1 s.
-        response = _BuildResponse(query, host, body)
+        if control is None:
+            response = _BuildResponse(query, host, body)
         services = _client_services(context_dir, dockerfile_path, legacy_request, filesync, secrets,
                                     advertise_secrets, token_authority, outputs)
         handlers = services.handlers()
         if sorted(handlers) != methods:
             raise AssertionError(f"served methods {sorted(handlers)} differ from the advertised {methods}")
         server = _serve(transport)(sock, handlers, leftover)
-        image_id, vertex_errors = response.follow(progress, timeout, hang_timeout)
+        if control is None:
+            image_id, vertex_errors = response.follow(progress, timeout, hang_timeout)
+        else:
+            solve = grpcsolve.solve_request(
+                new_session_id(), request.session_id, dockerfile_name=os.path.basename(dockerfile_path),
+                output_type=outputs[0].type if outputs else None, tags=list(tags), build_args=build_args,
+                labels=labels, target=target, no_cache=no_cache, pull=pull, network=network)
+            answer, vertex_errors = grpcsolve.run_solve(control[0], solve, progress=progress, timeout=timeout,
+                                                        hang_timeout=hang_timeout, error_type=BuildError)
+            image_id = None if outputs else grpcsolve.image_id_of(answer)
     finally:
         if response is not None:
             response.close()
         if server is not None:
             server.close()
         sock.close()
+        _close_control(control)
     return BuildResult(image_id, services.streams, services.calls, request.session_id, request.methods,
-                       vertex_errors, time.monotonic() - started)
+                       vertex_errors, time.monotonic() - started, entry)
+
+
+def _close_control(control) -> None:
+    if control is not None:
+        conn, sock = control
+        conn.close()
+        sock.close()
 
 
 def _client_services(context_dir: str, dockerfile_path: str, legacy_request: bool, filesync, secrets,
