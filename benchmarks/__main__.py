@@ -1,5 +1,5 @@
-"""``python -m benchmarks [--suite core|client|client-26.1|daemon|daemon-26.1|all] [--runs 3] [--files 5000]
-[--megabytes 200] [--json FILE]``"""
+"""``python -m benchmarks [--suite core|client|client-26.1|daemon|daemon-26.1|daemon-buildx|all] [--runs 3]
+[--files 5000] [--megabytes 200] [--json FILE]``"""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from conformance import peers
 
 from .report import SuiteResult, format_summary, format_table
 
-# client and daemon: against the 20.10 peers; client-26.1 and daemon-26.1: against the 26.1 ones, same run.
-SUITES = ("core", "client", "client-26.1", "daemon", "daemon-26.1")
+# client and daemon: against the 20.10 peers; client-26.1 and daemon-26.1: against the 26.1 ones, same run;
+# daemon-buildx: buildx 0.13 (the CLI 26.1) into our daemon n+1 and into dockerd 26.1.
+SUITES = ("core", "client", "client-26.1", "daemon", "daemon-26.1", "daemon-buildx")
 
 
 def _interrupt(signum, _frame):
@@ -56,6 +57,8 @@ def _run_suite(name: str, opts) -> SuiteResult:
     else:
         from . import daemon as module
     try:
+        if name == "daemon-buildx":
+            return module.run_buildx(opts)
         return module.run(opts) if kind == "core" else module.run(opts, vintage or "20.10")
     except KeyboardInterrupt:
         raise

@@ -1,6 +1,7 @@
 """Suites "daemon" and "daemon-26.1": the docker CLI 20.10 into our reference daemon against the same CLI into
 the real daemon of a generation: our daemon n against dockerd 20.10, our daemon n+1 against dockerd 26.1 (PAIRS).
-The CLI 20.10 builds against both daemons of each pair (buildx needs /grpc, which our daemon does not serve yet).
+Suite "daemon-buildx" (run_buildx): buildx 0.13, the docker CLI 26.1's ``docker build`` over ``POST /grpc``, into
+our daemon n+1 against buildx into dockerd 26.1.
 
 Same generated context (``FROM scratch`` + ``COPY . /``), ``docker build -q``,
 whole wall time; cold and unchanged, interleaved (ours cold, dockerd cold, ours
@@ -239,4 +240,95 @@ def run(opts, vintage: str = "20.10") -> SuiteResult:
     result.notes.append("cold: 'docker builder prune -af' on dockerd; on our daemon "
                         + ("a restart on an empty --root (its prune failed or reclaimed nothing)" if restarted_for_cold
                            else "the same prune"))
+    return result
+
+
+# -- suite "daemon-buildx": buildx 0.13 into our daemon n+1 against buildx into dockerd 26.1 -------------------
+
+BUILDX_CLIENT = "docker-cli-26.1"
+TARGET_BUILDX_COLD = 1.0
+TARGET_BUILDX_UNCHANGED = 1.0
+
+
+def _buildx_env(host: str, config_dir: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DOCKER_", "BUILDKIT_", "BUILDX_"))}
+    env.update(peers.client_env(BUILDX_CLIENT, config_dir), DOCKER_HOST=host)
+    return env
+
+
+def run_buildx(opts) -> SuiteResult:
+    """The docker CLI 26.1's ``docker build -q`` (buildx 0.13, docker driver, over POST /grpc) into our daemon n+1
+    and into a private dockerd 26.1, interleaved as in ``run``; cold is an empty build cache on both (``buildx
+    prune -af``, which reaches our context cache through Control/Prune)."""
+    suite = "daemon-buildx"
+    result = SuiteResult(suite, f"{suite}: buildx 0.13 into our daemon n+1 vs into dockerd 26.1",
+                         ours_name="our daemon", peer_name="dockerd 26.1")
+    if reference_daemon_missing():
+        result.skipped = NOT_IMPLEMENTED
+        return result
+    reason = realpeers.no_docker_reason("dockerd-26.1", BUILDX_CLIENT)
+    if reason:
+        result.error = f"real peers unavailable: {reason}"
+        return result
+    samples = {"ours": {"cold": [], "unchanged": []}, "dockerd": {"cold": [], "unchanged": []}, "peak_mb": []}
+    result.details["samples"] = samples
+    buildx = peers.binary(BUILDX_CLIENT)
+    with Workspace("dbx") as ws:
+        context = ws.sub("ctx")
+        tree = contexts.generate_tree(context, opts.files, opts.megabytes, seed=opts.seed, dockerfile=True)
+        contexts.preread(context)
+        result.details["tree"] = tree.describe()
+        print(f"  {suite}: context {tree.describe()}; {opts.runs} interleaved runs", flush=True)
+        os.makedirs(ws.sub("ours"))
+        with realpeers.PrivateDockerd("dockerd-26.1") as dockerd, \
+                ReferenceDaemon(ws.sub("ours"), generation="n+1") as ours:
+            envs = {"dockerd": _buildx_env(dockerd.host, ws.sub("cfg-dockerd")),
+                    "ours": _buildx_env(ours.host, ws.sub("cfg-ours"))}
+
+            def prune(target: str) -> subprocess.CompletedProcess:
+                return subprocess.run([buildx, "buildx", "prune", "-af"], env=envs[target], capture_output=True,
+                                      text=True, timeout=300)
+
+            def build(target: str, what: str) -> float:
+                settle()
+                timed = run_timed([buildx, "build", "-q", context], env=envs[target], scratch=ws.path, timeout=900)
+                return timed.check(f"buildx build into {target} ({what})").seconds
+
+            for run_index in range(opts.runs):
+                for target in ("dockerd", "ours"):
+                    pruned = prune(target)
+                    if pruned.returncode != 0:
+                        raise MeasurementError(f"buildx prune on {target} failed: {pruned.stderr.strip()}")
+                    if target == "ours" and run_index > 0 and reclaimed_nothing(pruned.stdout):
+                        raise MeasurementError("buildx prune -af reclaimed nothing on our daemon: not cold")
+                order = ("ours", "dockerd") if run_index % 2 == 0 else ("dockerd", "ours")
+                for target in order:
+                    samples[target]["cold"].append(build(target, "cold"))
+                    if target == "ours":
+                        peak = ours.peak_rss_mb()
+                        if peak is not None:
+                            samples["peak_mb"].append(peak)
+                for target in order:
+                    samples[target]["unchanged"].append(build(target, "unchanged"))
+                print(f"  {suite}: run {run_index + 1}/{opts.runs}: cold {samples['ours']['cold'][-1]:.3f} s vs "
+                      f"{samples['dockerd']['cold'][-1]:.3f} s, unchanged {samples['ours']['unchanged'][-1]:.3f} s "
+                      f"vs {samples['dockerd']['unchanged'][-1]:.3f} s", flush=True)
+
+    for label, kind, target in (("wall time, cold", "cold", TARGET_BUILDX_COLD),
+                                ("wall time, unchanged", "unchanged", TARGET_BUILDX_UNCHANGED)):
+        ours_s, peer_s = samples["ours"][kind], samples["dockerd"][kind]
+        result.rows.append(Row(label, median(ours_s), median(peer_s), target=target,
+                               ours_samples=ours_s, peer_samples=peer_s))
+    peaks = samples["peak_mb"]
+    result.rows.append(Row("our daemon's peak RSS (VmHWM)", max(peaks) if peaks else None, None, unit="MB",
+                           target=TARGET_PEAK_MB, target_kind="absolute", ours_samples=peaks,
+                           error="" if peaks else "VmHWM could not be read",
+                           note=f"read after each cold build of ~{tree.total_bytes / 1e6:.0f} MB; worst run"))
+    result.notes.append(f"context: {tree.describe()}; buildx 'build -q' (docker driver, image export), whole wall "
+                        f"time including buildx's two capability probes; median of {opts.runs} interleaved runs"
+                        + (" (fewer than 3: indicative only)" if opts.runs < 3 else ""))
+    result.notes.append(f"ours: python -m reference.daemon --generation n+1; peer: "
+                        f"{peers.version('dockerd-26.1') or 'dockerd-26.1'} (private); client: "
+                        f"{peers.version(BUILDX_CLIENT) or BUILDX_CLIENT}")
+    result.notes.append("cold: 'docker buildx prune -af' on both daemons before each run")
     return result

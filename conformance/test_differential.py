@@ -1,8 +1,11 @@
-"""Differential: one docker CLI 20.10 command into our reference daemon and into a real dockerd 20.10.
+"""Differential: one client command into our reference daemon and into a real dockerd.
 
 Both daemons build the same context with the same Dockerfile and export it with ``-o type=local``; the
-two trees the CLI writes must be identical, entry by entry (mode, owner, size, file times, link targets,
-xattrs, contents). Runs only with ``-p conformance.differential --differential-daemon URL``.
+two trees the client writes must be identical, entry by entry (mode, owner, size, file times, link targets,
+xattrs, contents). The clients: the docker CLI 20.10 (``POST /build``), against any dockerd; buildx 0.13 (the
+docker CLI 26.1's ``docker build``, over ``POST /grpc``), against a dockerd 26.1, where an unchanged rebuild
+must also request no file of the main context transfer from either daemon (counted on the wire by
+conformance/wiretap.py). Runs only with ``-p conformance.differential --differential-daemon URL``.
 """
 
 from __future__ import annotations
@@ -13,9 +16,13 @@ import tempfile
 
 import pytest
 
+from . import peers
+from .identify import identify_daemon
 from .outcomes import unsupported
+from .realpeers import no_docker_reason
 from .targets import DaemonSpec, identify, start_reference_daemon
 from .trees import diff_snapshots, snapshot, write_file
+from .wiretap import WireTap
 
 from .realpeers import DOCKER_CLI  # the CLI 20.10 peer, by absolute path
 
@@ -138,3 +145,74 @@ def test_local_export_is_identical(case, real_daemon, reference_daemon, request)
     differences = diff_snapshots(snapshot(real_dest, with_mtime_of_dirs=False),
                                  snapshot(ours_dest, with_mtime_of_dirs=False))
     assert not differences, "local exports differ (expected: dockerd's, actual: ours):\n" + "\n".join(differences)
+
+
+# -- buildx 0.13 (the docker CLI 26.1) into both daemons ------------------------------------------------------
+
+BUILDX = "docker-cli-26.1"
+
+
+@pytest.fixture(scope="module")
+def buildx_real_daemon(real_daemon: str) -> str:
+    """The differential daemon, when it is of buildx 0.13's generation (dockerd 26.1)."""
+    reason = no_docker_reason(BUILDX)
+    if reason:
+        pytest.skip(f"buildx differential: {reason}")
+    identity = identify_daemon(real_daemon)
+    if identity.generation != "n+1":
+        pytest.skip(f"the buildx differential compares with a dockerd of buildx 0.13's generation (26.1), "
+                    f"not {identity.implementation}")
+    return real_daemon
+
+
+def _unix_path(url: str) -> str:
+    if not url.startswith("unix://"):
+        pytest.skip(f"the wire is counted through a unix socket proxy; {url} is not one")
+    return url[len("unix://"):]
+
+
+def _buildx_export(host: str, context: str, config_dir: str) -> tuple[str, subprocess.CompletedProcess]:
+    dest = tempfile.mkdtemp(prefix="diff-bx-out-")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DOCKER_", "BUILDKIT_", "BUILDX_"))}
+    env.update(peers.client_env(BUILDX, config_dir), DOCKER_HOST=host)
+    proc = subprocess.run([peers.binary(BUILDX), "build", "--progress", "plain", "-o", f"type=local,dest={dest}",
+                           context], env=env, capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    return dest, proc
+
+
+def _build_twice(url: str, context: str) -> tuple[str, subprocess.CompletedProcess, int, int]:
+    """Two buildx builds through a recording proxy: (the first export, its process, the main context transfers
+    seen on the rebuild, the files they requested)."""
+    config_dir = tempfile.mkdtemp(prefix="diff-bx-cfg-")
+    with WireTap(_unix_path(url)) as tap:
+        dest, proc = _buildx_export(tap.url, context, config_dir)
+        if proc.returncode != 0:
+            return dest, proc, 0, 0
+        tap.take()
+        again, rebuilt = _buildx_export(tap.url, context, config_dir)
+        recording = tap.take()
+    assert rebuilt.returncode == 0, f"the unchanged rebuild failed:\n{rebuilt.stderr[-3000:]}"
+    return dest, proc, len(recording.of_kind("context")), recording.requests("context")
+
+
+@pytest.mark.parametrize("case", [pytest.param(name, marks=requirement(*CASES[name][1], "INCREMENTAL-2"))
+                                  for name in sorted(CASES)])
+def test_buildx_local_export_is_identical_and_a_rebuild_requests_nothing(case, buildx_real_daemon,
+                                                                         reference_daemon, request):
+    request.node.user_properties.append(("target", "reference-n+1 vs dockerd 26.1, client buildx 0.13"))
+    context = _make_context(case)
+    real_dest, real, real_transfers, real_requests = _build_twice(buildx_real_daemon, context)
+    if real.returncode != 0:  # the case itself is broken: an ERROR, not a FAIL of ours
+        raise RuntimeError(f"dockerd could not build the case with buildx:\n{real.stderr[-3000:]}")
+    ours_dest, ours, transfers, requests = _build_twice(reference_daemon.host, context)
+    if ours.returncode != 0 and "unsupported instruction" in ours.stderr:
+        unsupported(f"the reference daemon does not implement this case's Dockerfile: {ours.stderr[-300:]}")
+    assert ours.returncode == 0, f"buildx into the reference daemon failed where dockerd succeeded:\n{ours.stderr[-3000:]}"
+    # Directory times are left out: a WORKDIR or COPY destination made during the build has the build's time.
+    differences = diff_snapshots(snapshot(real_dest, with_mtime_of_dirs=False),
+                                 snapshot(ours_dest, with_mtime_of_dirs=False))
+    assert not differences, "local exports differ (expected: dockerd's, actual: ours):\n" + "\n".join(differences)
+    assert real_transfers and real_requests == 0, "dockerd 26.1 itself re-requested context files"
+    assert transfers, "no main context transfer seen on the reference daemon's rebuild"
+    assert requests == 0, f"the reference daemon requested {requests} context file(s) on an unchanged rebuild"

@@ -21,7 +21,8 @@ same build again, unchanged. A cell passes when
 
 A cell of KNOWN_DEFECTS passes as "known defect" only when it fails exactly as documented (the defect's predicted
 export and its wire evidence), and fails otherwise, the defect gone included. A cell that cannot work says why
-(buildx into a daemon that does not serve ``/grpc``); that is probed, not assumed.
+(buildx into a daemon that does not serve ``/grpc``); that is probed, not assumed. buildx and the reference client
+n+1 build over ``/grpc`` (BuildKit's Control API), the docker CLI 20.10 and the reference client n over ``/build``.
 
 Writes DIR/skew.json (every cell, build, count and transfer) and DIR/skew.md (the grid); exit 1 when a cell
 FAILs. interop/run.py runs it as the ``skew`` run and interop/matrix.py puts the grid into matrix.md.
@@ -98,7 +99,9 @@ DAEMONS = (
 )
 CLIENT_KINDS = {c.name: c for c in CLIENTS}
 DAEMON_KINDS = {d.name: d for d in DAEMONS}
-NO_GRPC = "the reference daemon does not serve /grpc yet (BuildKit's Control API)"
+# buildx needs BuildKit's Control API; every daemon of the matrix serves it (the reference daemons n and n+1 too,
+# reference/daemon/grpcapi.py), so this is said only of a daemon whose probe finds no /grpc
+NO_GRPC = "the daemon does not serve /grpc (BuildKit's Control API), which buildx builds through"
 
 
 @dataclass(frozen=True)
