@@ -49,14 +49,21 @@ def generation_of(peer: str) -> str | None:
     return "n+1" if kind == "buildx" else engine_generation(version)
 
 
+_VERDICT_GRADES = {"PASS": "conforms", "XFAIL": "known deviation", "NON-STRICT": "non-strict", "FAIL": "fails"}
+
+
 def _grade(record: dict, req_id: str) -> str | None:
+    """How the case graded this requirement; None when it did not (not reached, not applicable, skipped)."""
+    verdicts = record.get("verdicts")
+    if verdicts is not None:
+        return _VERDICT_GRADES.get(verdicts.get(req_id))
+    # a record without per-requirement verdicts: only a pass, or the requirement the case failed on, says anything
     outcome, failed = record.get("outcome"), record.get("failed_requirement")
     if outcome == "PASS":
         return "conforms"
     if failed != req_id:
-        # The case stopped at another requirement: this one held if it was checked before, else it was not reached.
         return None
-    return {"XFAIL": "known deviation", "NON-STRICT": "non-strict", "FAIL": "fails"}.get(outcome)
+    return _VERDICT_GRADES.get(outcome)
 
 
 def observe(report_root: str) -> dict[str, dict[str, str]]:

@@ -1,17 +1,32 @@
 """Graded outcomes and the three-part failure message (requirement, expected, actual).
 
-PASS        the requirement is met
-FAIL        a MUST is not met (or a SHOULD test asserts plainly)
-NON-STRICT  a SHOULD is not met: reported, not a failure of the run
-UNSUPPORTED the peer does not offer an optional capability the test needs
-ERROR       the harness itself broke: never counted as a pass
+PASS           the requirement is met
+FAIL           a MUST is not met (or a SHOULD test asserts plainly)
+NON-STRICT     a SHOULD is not met: reported, not a failure of the run
+UNSUPPORTED    the peer does not offer an optional capability the test needs
+ERROR          the harness itself broke: never counted as a pass
+XFAIL          a known deviation of the identified target (conformance/SPEC.md "Known deviations")
+NOT REACHED    the case stopped at another requirement's failure before it finished grading this one
+NOT APPLICABLE the case found that the requirement does not apply to this target (``not_applicable``)
+
+A case grades each requirement it names on its own (``case_verdicts``). Only the requirement
+whose check ended the case takes the case's FAIL, XFAIL or NON-STRICT; the case's other
+requirements are NOT REACHED, even those whose checks passed so far: the rest of the case
+might have checked them again, so a PASS would claim more than was seen. The raw counts of
+passed and failed checks are kept next to the verdicts (``checks_made``). NOT REACHED is
+not a result of its own: over several cases, any other verdict of the requirement decides.
+A requirement the case declared not applicable stays NOT APPLICABLE however the case ends,
+unless its own check ended the case.
 """
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 PASS, FAIL, NON_STRICT, UNSUPPORTED, ERROR, XFAIL = "PASS", "FAIL", "NON-STRICT", "UNSUPPORTED", "ERROR", "XFAIL"
+NOT_REACHED, NOT_APPLICABLE = "NOT REACHED", "NOT APPLICABLE"
 
 
 def _requirement_line(req_id: str) -> str:
@@ -63,6 +78,7 @@ class Unsupported(Exception):
 
 def expect(req_id: str, ok: bool, expected, actual, transcript: list[str] | None = None, seed: str | None = None) -> None:
     """Fail requirement ``req_id`` unless ``ok``; SHOULD rules grade as NON-STRICT."""
+    _record_check(req_id, bool(ok))
     if ok:
         return
     from .catalogue import load_catalogue
@@ -95,3 +111,72 @@ def classify(report: pytest.TestReport, call_excinfo) -> str:
     if isinstance(exc, AssertionError):
         return FAIL
     return ERROR
+
+
+# -- the checks of the running test ---------------------------------------------------------------
+# One test runs at a time per process (an xdist worker is a process of its own), so one module-level
+# tally is "the current test's". It is deliberately not thread-local: a test's helper threads (a
+# served connection, a watchdog) call expect() too. The plugin resets it when a test's setup starts,
+# so only a thread that outlives its test could count toward the next one.
+
+_checks_lock = threading.Lock()
+_checks: dict[str, dict[str, int]] = {}
+_not_applicable: dict[str, str] = {}
+
+
+def _record_check(req_id: str, passed: bool) -> None:
+    with _checks_lock:
+        tally = _checks.setdefault(req_id, {"passed": 0, "failed": 0})
+        tally["passed" if passed else "failed"] += 1
+
+
+def not_applicable(req_id: str, reason: str) -> None:
+    """Grade ``req_id`` NOT APPLICABLE in the running case (e.g. a /build rule for a client that builds
+    through /grpc) and go on: the case's other requirements are still graded."""
+    with _checks_lock:
+        _not_applicable[req_id] = reason
+
+
+def reset_checks() -> None:
+    with _checks_lock:
+        _checks.clear()
+        _not_applicable.clear()
+
+
+def checks_made() -> dict[str, dict[str, int]]:
+    """{requirement ID: {"passed": n, "failed": m}} of the expect() calls since the last reset."""
+    with _checks_lock:
+        return {req_id: dict(tally) for req_id, tally in _checks.items()}
+
+
+def declared_not_applicable() -> dict[str, str]:
+    """{requirement ID: reason} of the not_applicable() calls since the last reset."""
+    with _checks_lock:
+        return dict(_not_applicable)
+
+
+def case_verdicts(named: list[str], grade: str, failed_req: str | None, checked,
+                  not_applicable_ids=()) -> dict[str, str]:
+    """Each requirement's verdict in one case that ended with ``grade``.
+
+    ``named`` are the IDs of the case's requirement marker, ``checked`` those expect() saw (an ID the
+    marker does not name is graded too: the check happened), ``failed_req`` the ID that the exception
+    ending the case carries, if any, ``not_applicable_ids`` those the case declared not applicable (an
+    ID the case neither names nor checks stays out: the case claims nothing about it).
+    """
+    graded = list(dict.fromkeys([*named, *checked, *([failed_req] if failed_req else [])]))
+    blamed = failed_req is not None and grade in (FAIL, XFAIL, NON_STRICT)
+    if grade == PASS:
+        verdicts = dict.fromkeys(graded, PASS)
+    elif not blamed:
+        # No requirement to blame (a plain assert, a harness error), or nothing was graded (UNSUPPORTED,
+        # SKIPPED, a setup ERROR): the case's outcome is every requirement's, as the case is one unit.
+        verdicts = dict.fromkeys(graded, grade)
+    else:
+        verdicts = dict.fromkeys(graded, NOT_REACHED)
+    for req_id in not_applicable_ids:
+        if req_id in verdicts:
+            verdicts[req_id] = NOT_APPLICABLE
+    if blamed:
+        verdicts[failed_req] = grade
+    return verdicts

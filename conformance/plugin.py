@@ -257,6 +257,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # -- outcomes and reports ------------------------------------------------------------
 
 @pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    # a wrapper runs before every plain setup hook (a skip mark's too): the tally is this test's from here on
+    outcomes.reset_checks()
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     outcome = yield
     report: pytest.TestReport = outcome.get_result()
@@ -278,11 +285,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         grade = outcomes.NON_STRICT if getattr(report, "non_strict", None) else outcomes.classify(report, excinfo)
         reqs = [r for m in item.iter_markers("requirement") for r in m.args]
         exc = excinfo.value if excinfo is not None else None
+        checks, not_applicable = outcomes.checks_made(), outcomes.declared_not_applicable()
+        # A test without a requirement marker is no conformance case (a unit test of the harness, say): its
+        # checks are kept but grade nothing.
+        verdicts = outcomes.case_verdicts(reqs, grade, getattr(exc, "req_id", None), checks,
+                                          not_applicable) if reqs else {}
         record = {
             "nodeid": item.nodeid,
             "name": item.name,
             "requirements": reqs,
             "outcome": grade,
+            "verdicts": verdicts,  # each requirement's own grade in this case (see conformance/outcomes.py)
+            "checks": checks,
+            "not_applicable": {r: why for r, why in not_applicable.items() if r in verdicts},  # the reasons
+            "unnamed_checks": sorted(set(verdicts) - set(reqs)),  # a harness bug: the marker should name them
             "duration": round(report.duration, 3),
             "targets": {k: v for k, v in item.user_properties if k in ("target", "client")},
             "implementations": {k.split("_", 1)[0]: v for k, v in item.user_properties
@@ -304,6 +320,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         for req in reqs:
             item.user_properties.append(("requirement", req))
         item.user_properties.append(("outcome", grade))
+        for req, verdict in verdicts.items():
+            item.user_properties.append((f"verdict:{req}", verdict))
 
 
 _RECORD_PROPERTY = "conformance-record"
@@ -392,15 +410,24 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
 
     summary = summarise(results)
     lines = []
+    not_reached: dict[str, list[str]] = {}
     for req_id, entry in sorted(summary["requirements"].items()):
         for target, verdict in sorted(entry["targets"].items()):
             if verdict in _VERDICT_ORDER:
                 lines.append((_VERDICT_ORDER.index(verdict), f"{verdict:<11} {req_id} ({entry['level']}) on "
                                                               f"{target}: {entry['title']}"))
+            elif verdict == outcomes.NOT_REACHED:  # no case of this target graded it otherwise
+                not_reached.setdefault(target, []).append(req_id)
     write = terminalreporter.write_line
     terminalreporter.section("conformance verdicts")
     for _, line in sorted(lines):
         write(line)
+    for target, req_ids in sorted(not_reached.items()):
+        write(f"not reached: {len(req_ids)} requirement{'s' if len(req_ids) != 1 else ''} on {target}, their cases "
+              f"stopped at another requirement first: {', '.join(req_ids)}")
+    for record in results:
+        for req_id in record.get("unnamed_checks", []):
+            write(f"harness warning: {record['nodeid']} checks {req_id}, which its requirement marker does not name")
     counts = {}
     for record in results:
         counts[record["outcome"]] = counts.get(record["outcome"], 0) + 1

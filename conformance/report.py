@@ -1,8 +1,12 @@
 """results.json (per requirement and per test) and summary.md (per target).
 
 JUnit XML comes from pytest's own writer (``--report-dir`` points it at
-``junit.xml``); each case carries its requirement IDs and graded outcome as
-properties.
+``junit.xml``); each case carries its requirement IDs, graded outcome and
+per-requirement verdicts (``verdict:REQ-ID``) as properties.
+
+A requirement's grade is the worst of its verdicts in the cases that graded it
+(a case's verdicts: conformance/outcomes.py), while the per-target counts stay
+counts of cases.
 """
 
 from __future__ import annotations
@@ -12,10 +16,13 @@ import os
 from collections import Counter, defaultdict
 
 from .catalogue import load_catalogue
-from .outcomes import ERROR, FAIL, NON_STRICT, PASS, UNSUPPORTED, XFAIL
+from .outcomes import ERROR, FAIL, NON_STRICT, NOT_APPLICABLE, NOT_REACHED, PASS, UNSUPPORTED, XFAIL
 
-# the worst outcome of a requirement's tests decides its outcome
-_RANK = {ERROR: 6, FAIL: 5, NON_STRICT: 4, XFAIL: 3, UNSUPPORTED: 2, PASS: 1, "SKIPPED": 0}
+# The worst verdict of a requirement's cases decides its grade. NOT REACHED says nothing about the
+# requirement, so it ranks below every real verdict: any other case's PASS or FAIL wins over it. NOT
+# APPLICABLE is a finding about the target, but a case that did grade the requirement outranks it.
+_RANK = {ERROR: 8, FAIL: 7, NON_STRICT: 6, XFAIL: 5, UNSUPPORTED: 4, PASS: 3, NOT_APPLICABLE: 2, NOT_REACHED: 1,
+         "SKIPPED": 0}
 
 
 def _target_of(record: dict) -> str:
@@ -24,17 +31,24 @@ def _target_of(record: dict) -> str:
     return " ".join(p for p in parts if p) or "core"
 
 
+def verdicts_of(record: dict) -> dict[str, str]:
+    """A case's per-requirement verdicts; a record written before there were any gives its outcome to all."""
+    if "verdicts" in record:
+        return record["verdicts"]
+    return dict.fromkeys(record["requirements"], record["outcome"])
+
+
 def summarise(results: list[dict]) -> dict:
     catalogue = load_catalogue()
     per_req: dict[str, dict] = {}
     for record in results:
-        for req_id in record["requirements"]:
+        for req_id, verdict in verdicts_of(record).items():
             entry = per_req.setdefault(req_id, {"outcome": "SKIPPED", "tests": [], "targets": {}})
             entry["tests"].append(record["nodeid"])
             target = _target_of(record)
             old = entry["targets"].get(target, "SKIPPED")
-            entry["targets"][target] = max(old, record["outcome"], key=_RANK.__getitem__)
-            entry["outcome"] = max(entry["outcome"], record["outcome"], key=_RANK.__getitem__)
+            entry["targets"][target] = max(old, verdict, key=_RANK.__getitem__)
+            entry["outcome"] = max(entry["outcome"], verdict, key=_RANK.__getitem__)
     for req_id, entry in per_req.items():
         req = catalogue.get(req_id)
         entry["level"] = req.level if req else "?"
@@ -85,7 +99,8 @@ def render_markdown(summary: dict, results: list[dict], options: dict) -> str:
         for r in bad:
             out.append(f"### {r['outcome']}: `{r['nodeid']}`")
             out.append("")
-            out.append("Requirements: " + (", ".join(r["requirements"]) or "none"))
+            verdicts = verdicts_of(r)
+            out.append("Requirements: " + (", ".join(f"{req_id} {verdicts[req_id]}" for req_id in verdicts) or "none"))
             if r.get("rerun"):
                 out += ["", f"Rerun: `{r['rerun']}`"]
             if r["expected"] is not None:
@@ -101,6 +116,13 @@ def render_markdown(summary: dict, results: list[dict], options: dict) -> str:
     for req_id, entry in sorted(summary["requirements"].items()):
         targets = "; ".join(f"{t}: {o}" for t, o in sorted(entry["targets"].items()))
         out.append(f"| {req_id} | {entry['level']} | {entry['outcome']} | {targets} |")
+    shown = {verdict for entry in summary["requirements"].values() for verdict in entry["targets"].values()}
+    if NOT_REACHED in shown:
+        out += ["", (f"{NOT_REACHED}: every case of the requirement on that target stopped at another requirement "
+                     "before it finished grading this one.")]
+    if NOT_APPLICABLE in shown:
+        out += ["", (f"{NOT_APPLICABLE}: the requirement does not apply to that target (the case says why in "
+                     "results.json, `not_applicable`).")]
     if summary["untested"]:
         out += ["", f"Requirements without a test in this run: {', '.join(summary['untested'])}"]
     return "\n".join(out) + "\n"

@@ -51,10 +51,16 @@ def test_graded_outcomes_and_reports(pytester, workers):
     assert (failing["expected"], failing["actual"]) == ("one Uuid header", "two")
     assert failing["transcript"] == ["> line one", "< line two"]
     assert data["requirements"]["HANDSHAKE-2"]["outcome"] == "FAIL"
+    # one requirement per case: its verdict is the case's outcome (tests/test_requirement_grading.py: several)
+    assert {t["name"]: t["verdicts"] for t in data["tests"]} == {
+        t["name"]: {t["requirements"][0]: t["outcome"]} for t in data["tests"]}
     summary = (report_dir / "summary.md").read_text()
     assert "HANDSHAKE-2" in summary and "one Uuid header" in summary and "< line two" in summary
-    cases = ET.parse(report_dir / "junit.xml").getroot().iter("testcase")
+    cases = list(ET.parse(report_dir / "junit.xml").getroot().iter("testcase"))
     assert sorted(c.get("name") for c in cases) == sorted(outcomes)
+    properties = {c.get("name"): {p.get("name"): p.get("value") for p in c.iter("property")} for c in cases}
+    assert properties["test_fail"]["verdict:HANDSHAKE-2"] == "FAIL"
+    assert properties["test_should_not_met"]["verdict:HANDSHAKE-3"] == "NON-STRICT"
 
 
 def test_failure_message_names_requirement_expected_actual(pytester):
