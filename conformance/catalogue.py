@@ -269,6 +269,15 @@ def load_catalogue() -> dict[str, Requirement]:
     return {requirement.id: requirement for requirement in _load()}
 
 
+def not_applicable_reason(req_id: str, generation: str) -> str | None:
+    """Why rule ``req_id`` does not hold for a peer of ``generation`` (None: it does): a case that checks only
+    such rules is not applicable to that peer, never a PASS or a FAIL."""
+    requirement = load_catalogue()[req_id]
+    if requirement.applies_to(generation):
+        return None
+    return f"{req_id} is a rule of generation {', '.join(requirement.generations)}, not of {generation}"
+
+
 def requirement_ids_for_level(level: str) -> tuple[str, ...]:
     """IDs of the requirements of one level (MUST, SHOULD or MAY), in document order."""
     if level not in LEVELS:

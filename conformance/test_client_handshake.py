@@ -25,10 +25,11 @@ from .harness.daemon_scripts import (
     HEALTH, H2_PREFACE, TARSTREAM, CallOutcome, ScriptResult, finish, open_diffcopy, read_listing, recv_packet,
     run_client, send_packet, unary, vertex_error_trace,
 )
+from .harness.entry_points import build_request_rule, entry_point
 from .harness.instrumented_daemon import ScenarioResult
 from .harness.scenarios import fetch
 from .harness.scripted_client import make_context
-from .outcomes import expect
+from .outcomes import expect, not_applicable
 
 requirement = pytest.mark.requirement
 
@@ -62,7 +63,8 @@ def fetch_something(session, generation: str):
 
 # -- the upgrade request ---------------------------------------------------------------
 
-@requirement("HANDSHAKE-1", "HANDSHAKE-2", "ROLE-1", "TIMEOUT-2", "METHODS-1", "METHODS-2", "HEALTH-1", "SECRETS-2")
+@requirement("HANDSHAKE-1", "HANDSHAKE-2", "ROLE-1", "TIMEOUT-2", "METHODS-1", "METHODS-2", "HEALTH-1", "SECRETS-2",
+             "BUILD-1", "BUILD-7", "GRPC-3")
 def test_session_request_and_server_role(client):
     seen = {}
 
@@ -115,14 +117,19 @@ def test_session_request_and_server_role(client):
 
     ctx = make_context({"a.txt": "a"})
     daemon, run = run_client(client, ctx, scenario)
-    expect("BUILD-1" if client.generation != "n-1" else "BUILD-7", len(daemon.builds) == 1,
-           "one POST /build", daemon.requests, [run.output])
+    build_rule = build_request_rule(client, daemon)
+    expect(build_rule, len(daemon.builds) == 1, "one build (POST /build, or a Control/Solve that runs the "
+           "Dockerfile frontend)", daemon.requests, [run.output])
     build = daemon.builds[0]
-    session_posts = [t for m, t in daemon.requests if t.split("?")[0].endswith("/session")]
-    expect("HANDSHAKE-1", len(session_posts) == 1 and SESSION_PATH.match(session_posts[0].split("?")[0])
-           and ("POST", session_posts[0]) in daemon.requests,
-           "one POST to /session or /v<api>/session", daemon.requests)
-    arrived, headers = daemon.session_requests[0]
+    session_posts = [(m, t) for m, t in daemon.requests if t.split("?")[0].endswith("/session")]
+    # buildx opens a session for each of its capability probes too: every one must be such a request
+    expect("HANDSHAKE-1", session_posts and all(m == "POST" and SESSION_PATH.match(t.split("?")[0])
+                                                for m, t in session_posts),
+           "POST to /session or /v<api>/session", daemon.requests)
+    session_param = build.session_id
+    arrived, headers = next(((at, h) for at, h in daemon.session_requests
+                             if dict(h).get("x-docker-expose-session-uuid") == session_param),
+                            daemon.session_requests[0])
     values = {}
     for k, v in headers:
         values.setdefault(k, []).append(v)
@@ -132,12 +139,10 @@ def test_session_request_and_server_role(client):
     expect("HANDSHAKE-1", values.get("content-length", ["0"]) == ["0"] and "transfer-encoding" not in values,
            "no request body", headers)
     uuids = values.get("x-docker-expose-session-uuid", [])
-    session_param = build.query.get("session", [""])[0]
     expect("HANDSHAKE-2", len(uuids) == 1 and uuids[0] and uuids[0] == session_param,
-           "exactly one non-empty Uuid header, equal to /build?session=", (uuids, session_param))
-    expect("TIMEOUT-2", build.session is not None and arrived - daemon.build_arrivals[0] <= 5.0,
-           "the session is upgraded within 5 s of /build", (arrived - daemon.build_arrivals[0]) if
-           daemon.build_arrivals else "no /build", [run.output])
+           f"exactly one non-empty Uuid header, equal to the build's session ({build.api})", (uuids, session_param))
+    expect("TIMEOUT-2", build.session is not None and arrived - build.arrived <= 5.0,
+           "the session is upgraded within 5 s of the build request", arrived - build.arrived, [run.output])
     first = daemon.first_bytes(session_param)
     expect("ROLE-1", not first.startswith(H2_PREFACE[:4]) and len(first) >= 9 and first[3] == 0x4,
            "the client speaks first as an HTTP/2 server: a SETTINGS frame, no client preface", first)
@@ -158,8 +163,7 @@ def test_session_request_and_server_role(client):
         expect("SECRETS-2", secret.code == StatusCode.NOT_FOUND,
                "Secrets advertised without --secret: NOT_FOUND for an ID the client does not have",
                secret.describe())
-    expect("BUILD-1" if client.generation != "n-1" else "BUILD-7", run.returncode == 0, "the build succeeds",
-           run.output)
+    expect(build_rule, run.returncode == 0, "the build succeeds", run.output)
 
 
 @requirement("HANDSHAKE-2")
@@ -420,7 +424,7 @@ def test_health_and_parallel_transfers_while_a_large_transfer_is_blocked(client,
 
 # -- the /build request --------------------------------------------------------------------------
 
-@requirement("BUILD-1", "BUILD-2", "BUILD-7")
+@requirement("BUILD-1", "BUILD-2", "BUILD-7", "GRPC-3")
 def test_build_request_and_served_directories(client, tmp_path):
     ctx = make_context({"ctx-file.txt": "context"}, dockerfile="FROM scratch\n# context Dockerfile\n")
     df_dir = tmp_path / "elsewhere"
@@ -441,6 +445,8 @@ def test_build_request_and_served_directories(client, tmp_path):
         return ScenarioResult()
 
     daemon, run = run_client(client, ctx, scenario, extra_args=["-f", str(dockerfile)])
+    rule = build_request_rule(client, daemon)
+    expect(rule, daemon.builds, "a build request", daemon.requests, [run.output[-2000:]])
     build = daemon.builds[0]
     q = {k: v[0] for k, v in build.query.items()}
     if client.generation == "n-1":
@@ -450,11 +456,17 @@ def test_build_request_and_served_directories(client, tmp_path):
                build.body[:200])
         expect("BUILD-7", run.returncode == 0, "the build succeeds", run.output)
         return
-    expect("BUILD-1", q.get("version") == "2" and q.get("remote") == "client-session" and
-           q.get("session") == build.session.session_id and q.get("buildid"),
-           "version=2, remote=client-session, session=<id>, buildid", build.target)
-    expect("BUILD-1", q.get("dockerfile") == "Custom.Dockerfile", "dockerfile=<base name>", q.get("dockerfile"))
-    expect("BUILD-1", build.body == b"", "an empty body", build.body[:200])
+    if build.api == "build":
+        expect("BUILD-1", q.get("version") == "2" and q.get("remote") == "client-session" and
+               q.get("session") == build.session.session_id and q.get("buildid"),
+               "version=2, remote=client-session, session=<id>, buildid", build.target)
+        expect("BUILD-1", q.get("dockerfile") == "Custom.Dockerfile", "dockerfile=<base name>", q.get("dockerfile"))
+        expect("BUILD-1", build.body == b"", "an empty body", build.body[:200])
+    else:
+        expect("GRPC-3", build.session is not None and build.solve.Session == build.session.session_id,
+               "Control/Solve's Session names the client's open session", build.solve.Session)
+        expect("GRPC-3", build.frontend_options.get("filename") == "Custom.Dockerfile",
+               "the frontend option filename=<base name of -f>", build.frontend_options)
     df = seen["dockerfile"]
     expect("BUILD-2", df.error is None and os.path.exists(os.path.join(df.dest, "Custom.Dockerfile")),
            "dir-name=dockerfile serves the directory of -f", df.error or sorted(s.path for s in df.stats),
@@ -465,19 +477,23 @@ def test_build_request_and_served_directories(client, tmp_path):
     paths = sorted(s.path for s in cx.stats)
     expect("BUILD-2", cx.error is None and "ctx-file.txt" in paths and "unrelated.txt" not in paths,
            "dir-name=context serves the context directory", cx.error or paths, cx.transcript)
-    expect("BUILD-1", run.returncode == 0, "the build succeeds", run.output)
+    expect(rule, run.returncode == 0, "the build succeeds", run.output)
 
 
-@requirement("BUILD-6")
+@requirement("BUILD-6", "GRPC-4")
 def test_error_detail_fails_the_build(client):
     if client.generation == "n-1":
         pytest.skip("BUILD-6 is a rule of generation n and later; this client is generation n-1")
     text = "conformance step failed (code 5521)"
     result = ScenarioResult(image_id=None, error=text, trace=[vertex_error_trace(text)])
     daemon, run = run_client(client, make_context({"a": "a"}), lambda build: result)
-    expect("BUILD-6", run.returncode != 0, "a non-zero exit for a response with errorDetail",
+    # the same failure reaches a /grpc client as the error of its frontend's solve
+    rule = "BUILD-6" if entry_point(daemon) == "build" else "GRPC-4"
+    not_applicable({"BUILD-6": "GRPC-4", "GRPC-4": "BUILD-6"}[rule],
+                   f"the client asked for its build through POST /{entry_point(daemon)}")
+    expect(rule, run.returncode != 0, "a non-zero exit for a failed build (errorDetail, or a failed Solve)",
            f"exit {run.returncode}", [run.output])
-    expect("BUILD-6", "5521" in run.output, "the error message is shown", run.output[-2000:])
+    expect(rule, "5521" in run.output, "the error message is shown", run.output[-2000:])
 
 
 @requirement("TIMEOUT-5")

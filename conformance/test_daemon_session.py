@@ -23,6 +23,7 @@ from .harness.daemon_probes import (
     FileSyncRouter, LiveSession, build_query, dechunk, raw_build, raw_request, rule_for, session_headers,
 )
 from .harness.scripted_client import make_context, run_build
+from .catalogue import not_applicable_reason
 from .outcomes import expect
 
 requirement = pytest.mark.requirement
@@ -401,6 +402,8 @@ def test_no_common_protocol_fails_naming_both_sides(daemon):
 
 @requirement("NEGOTIATE-3")
 def test_build_stream_protocol_env_restricts_the_daemon(daemon):
+    if reason := not_applicable_reason("NEGOTIATE-3", daemon.generation):
+        pytest.skip(f"not applicable: {reason}")
     if daemon.process is None:
         pytest.skip("BUILD_STREAM_PROTOCOL is an environment variable of the daemon process: only an embedded "
                     "reference daemon can be started with it")

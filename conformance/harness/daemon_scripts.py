@@ -10,6 +10,7 @@ can judge the client precisely.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import traceback
@@ -119,7 +120,8 @@ class ScriptDaemon(InstrumentedDaemon):
     extra_headers: more header lines in the 101 head
     coalesce:      write the 101 head and our HTTP/2 preface in one sendall
     refuse_build:  (status, body) answers /build at once, without waiting for the session
-                   (as dockerd does with options it rejects, e.g. an unknown isolation)
+                   (as dockerd does with options it rejects, e.g. an unknown isolation); a Control/Solve that
+                   is not a capability probe fails at once with the body's message
     hold_upgrade:  seconds the 101 waits for the build's answer; if that answer goes out first,
                    the upgrade is never completed (the connection stays open until the daemon closes)
     """
@@ -199,6 +201,19 @@ class ScriptDaemon(InstrumentedDaemon):
             super()._build(sock, conn, target, body)
         self.timeline.append((time.monotonic(), "build answered"))
         self._build_answered.set()
+
+    def refused_solve(self, request) -> str | None:
+        if self.refuse_build is None or request.Internal:
+            return None
+        self.build_arrivals.append(time.monotonic())
+        _, answer = self.refuse_build
+        try:
+            message = json.loads(answer).get("message", "")
+        except ValueError:
+            message = answer.decode("utf-8", "replace")
+        self.timeline.append((time.monotonic(), "build answered"))
+        self._build_answered.set()
+        return message or "refused"
 
     def _keeps_response_open(self, result) -> bool:
         return isinstance(result, ScriptResult) and result.hang

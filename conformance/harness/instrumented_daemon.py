@@ -1,10 +1,12 @@
 """An instrumented, scriptable daemon: the suite plays the daemon to test a client.
 
 It serves just enough of the Engine API for a client to run a build
-(``/_ping``, ``/version``, ``/session``, ``/build``), records everything the
-client sends, and hands each build to a *scenario*: a function that drives
-the client's session services (health, DiffCopy, FileSend, secrets...) the
-way a test wants and decides what the build response says.
+(``/_ping``, ``/version``, ``/session``, ``/build``, and for generations n and
+n+1 ``/grpc``, BuildKit's Control API that buildx builds through:
+conformance/harness/control_api.py), records everything the client sends, and
+hands each build, whichever entry point it came by, to a *scenario*: a function
+that drives the client's session services (health, DiffCopy, FileSend,
+secrets...) the way a test wants and decides what the build's answer says.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
 import h11
@@ -86,11 +88,22 @@ class SessionRecord:
 
 @dataclass
 class BuildRecord:
+    """One build. ``query`` is the ``/build`` query; for a build that came by ``/grpc`` it is the query that
+    asks for the same (control_api.equivalent_query), so scenarios read one shape."""
+
     target: str
     query: dict[str, list[str]]
     body: bytes
     session: SessionRecord | None = None
     outcome: dict = field(default_factory=dict)
+    api: str = "build"  # "build": POST /build; "grpc": BuildKit's Control API on POST /grpc
+    solve: Any = None  # api grpc: the Control/Solve request (reference.pb.control_pb2.SolveRequest)
+    frontend_options: dict[str, str] = field(default_factory=dict)  # api grpc: the frontend's options
+    arrived: float = field(default_factory=time.monotonic)  # when the client asked (POST /build, Control/Solve)
+
+    @property
+    def session_id(self) -> str:
+        return (self.query.get("session") or [""])[0]
 
 
 @dataclass
@@ -125,6 +138,12 @@ class InstrumentedDaemon:
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self._closing = False
+        # POST /grpc: generations n and n+1, as dockerd 20.10 and 26.1 (the 2017 design had no Control API)
+        self.control_api = None
+        if generation != "n-1":
+            from .control_api import ControlApiEndpoint
+
+            self.control_api = ControlApiEndpoint(self)
 
     # -- lifecycle ----------------------------------------------------------------
     def __enter__(self) -> "InstrumentedDaemon":
@@ -146,6 +165,8 @@ class InstrumentedDaemon:
                 self._listener.close()
             except OSError:
                 pass
+        if self.control_api is not None:
+            self.control_api.close()
         for record in list(self.sessions.values()):
             if record.conn is not None:
                 record.conn.close()
@@ -191,7 +212,13 @@ class InstrumentedDaemon:
                 if path == "/session" and method == "POST":
                     hijacked = self._session(sock, conn, headers)
                     return
-                if path == "/build" and method == "POST":
+                if path == "/grpc" and method == "POST" and self.control_api is not None:
+                    hijacked = self.control_api.serve(
+                        sock, headers, bytes(conn.trailing_data[0]),
+                        lambda status, payload: self._respond(sock, conn, status, payload))
+                    if hijacked:
+                        return
+                elif path == "/build" and method == "POST":
                     self._build(sock, conn, target, body)
                 elif path == "/_ping":
                     self._respond(sock, conn, 200, b"OK" if method == "GET" else b"", "text/plain",
@@ -285,23 +312,7 @@ class InstrumentedDaemon:
     def _build(self, sock, conn, target: str, body: bytes) -> None:
         query = parse_qs(urlsplit(target).query, keep_blank_values=True)
         build = BuildRecord(target, query, body)
-        self.builds.append(build)
-        session_id = (query.get("session") or [""])[0]
-        build.session = self.wait_for_session(session_id, self.session_wait) if session_id else None
-        if session_id and build.session is None:
-            result = ScenarioResult(image_id=None, error=f"no active session for {session_id}: context deadline exceeded")
-        else:
-            try:
-                result = self.scenario(build)
-            except Exception as exc:  # a scenario bug is reported to the test through the record
-                self.errors.append(f"scenario raised {type(exc).__name__}: {exc}")
-                result = ScenarioResult(image_id=None, error=f"harness error: {exc}")
-            if build.session is not None:
-                # dockerd never answers before the client's session server runs (it needs the
-                # session for the Dockerfile). Answering a scenario that made no call sooner makes
-                # the docker CLI 20.10 hang: Session.Close() then finds no connection to close.
-                build.session.conn.wait_peer_ready(self.session_wait)
-        build.outcome = {"image_id": result.image_id, "error": result.error}
+        result = self.run_scenario(build, build.session_id)
         lines = [json.dumps({"id": "moby.buildkit.trace", "aux": base64.b64encode(t).decode()}) for t in result.trace]
         hang = self._keeps_response_open(result)
         if not hang:  # a hung response never gets its final line
@@ -318,7 +329,37 @@ class InstrumentedDaemon:
             raise OSError("hung build response ended")
         sock.sendall(conn.send(h11.EndOfMessage()))
 
-    # hooks for scripted variants of the build response
+    def run_scenario(self, build: BuildRecord, session_id: str) -> ScenarioResult:
+        """Record ``build``, wait for the session it names, run the scenario; the outcome is recorded too."""
+        self.builds.append(build)
+        build.session = self.wait_for_session(session_id, self.session_wait) if session_id else None
+        if session_id and build.session is None:
+            result = ScenarioResult(image_id=None, error=f"no active session for {session_id}: context deadline exceeded")
+        else:
+            try:
+                result = self.scenario(build)
+            except Exception as exc:  # a scenario bug is reported to the test through the record
+                self.errors.append(f"scenario raised {type(exc).__name__}: {exc}")
+                result = ScenarioResult(image_id=None, error=f"harness error: {exc}")
+            if build.session is not None:
+                # dockerd never answers before the client's session server runs (it needs the
+                # session for the Dockerfile). Answering a scenario that made no call sooner makes
+                # the docker CLI 20.10 hang: Session.Close() then finds no connection to close.
+                build.session.conn.wait_peer_ready(self.session_wait)
+        build.outcome = {"image_id": result.image_id, "error": result.error}
+        return result
+
+    # hooks for scripted variants of the build's answer, on either entry point
+    def refused_solve(self, request) -> str | None:
+        """An error to answer a Control/Solve with at once (None: build it)."""
+        return None
+
+    def keeps_build_open(self, result: ScenarioResult) -> bool:
+        return self._keeps_response_open(result)
+
+    def hold_build_open(self) -> None:
+        self._hold_response_open()
+
     def _keeps_response_open(self, result: ScenarioResult) -> bool:
         return False
 

@@ -211,7 +211,8 @@ def build(
         if control is None:
             response = _BuildResponse(query, host, body)
         services = _client_services(context_dir, dockerfile_path, legacy_request, filesync, secrets,
-                                    advertise_secrets, token_authority, outputs)
+                                    advertise_secrets, token_authority, outputs,
+                                    stream_protocol_env=generation != "n+1")
         handlers = services.handlers()
         if sorted(handlers) != methods:
             raise AssertionError(f"served methods {sorted(handlers)} differ from the advertised {methods}")
@@ -245,7 +246,8 @@ def _close_control(control) -> None:
 
 
 def _client_services(context_dir: str, dockerfile_path: str, legacy_request: bool, filesync, secrets,
-                     advertise_secrets: bool, token_authority: bool, outputs) -> "ClientServices":
+                     advertise_secrets: bool, token_authority: bool, outputs, *,
+                     stream_protocol_env: bool = True) -> "ClientServices":
     from .auth import AuthProvider
     from .services import ClientServices, SyncedDir, local_export_handler, tar_export_handler
 
@@ -257,8 +259,10 @@ def _client_services(context_dir: str, dockerfile_path: str, legacy_request: boo
             "context": SyncedDir(context_dir, owner=(0, 0)),
             "dockerfile": SyncedDir(os.path.dirname(dockerfile_path)),
         }
+    # BuildKit 0.10 dropped BUILD_STREAM_PROTOCOL (bk commit 35fcb28a0): the n+1 client ignores it (NEGOTIATE-3)
     services = ClientServices(dirs, filesync=filesync, secrets=secrets, advertise_secrets=advertise_secrets,
-                              auth=AuthProvider(token_authority=token_authority))
+                              auth=AuthProvider(token_authority=token_authority),
+                              stream_protocol_env=stream_protocol_env)
     for out in outputs:
         make = local_export_handler if out.type == "local" else tar_export_handler
         services.export = make(out.dest, services._record)

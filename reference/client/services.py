@@ -106,6 +106,7 @@ class ClientServices:
         advertise_secrets: bool = False,  # also without secrets (buildx does; unknown IDs get NOT_FOUND)
         auth: "AuthProvider | None" = None,  # reference.client.auth.AuthProvider
         chunk_size: int = dc.GO_CHUNK_SIZE,
+        stream_protocol_env: bool = True,  # honour BUILD_STREAM_PROTOCOL (generations n-1 and n)
     ) -> None:
         self.dirs = dirs
         self.filesync = filesync
@@ -114,6 +115,7 @@ class ClientServices:
         self.advertise_secrets = advertise_secrets or bool(self.secrets)
         self.auth = auth
         self.chunk_size = chunk_size
+        self.stream_protocol_env = stream_protocol_env
         self.streams: list[StreamStats] = []
         self.calls: list[str] = []  # every method the daemon called, in order
         self._lock = threading.Lock()
@@ -192,7 +194,8 @@ class ClientServices:
 
     def filesync_diffcopy(self, stream: RpcStream) -> None:
         started = time.monotonic()
-        _check_forced_protocol("diffcopy")
+        if self.stream_protocol_env:
+            _check_forced_protocol("diffcopy")
         name, synced = self._synced_dir(stream)
         record = StreamStats(FILESYNC_DIFFCOPY, dir_name=name, protocol="diffcopy")
         try:
@@ -212,7 +215,8 @@ class ClientServices:
 
     def filesync_tarstream(self, stream: RpcStream) -> None:
         started = time.monotonic()
-        _check_forced_protocol("tarstream")
+        if self.stream_protocol_env:
+            _check_forced_protocol("tarstream")
         name, synced = self._synced_dir(stream)
         record = StreamStats(FILESYNC_TARSTREAM, dir_name=name, protocol="tarstream")
         try:

@@ -35,6 +35,8 @@ class GenerationProfile:
     # what a build naming a session whose connection closed (not yet noticed by a health check) fails with:
     # grpc-go redials, and BuildKit's one-shot dialer refuses (bk session/grpc.go:37-43)
     redial_error: str
+    # BUILD_STREAM_PROTOCOL narrows the file sync protocols (NEGOTIATE-3); BuildKit 0.10 dropped it (bk 35fcb28a0)
+    stream_protocol_env: bool = True
     # POST /grpc, BuildKit's Control API and gateway (reference/daemon/control.py): buildx's way in.
     control_api: bool = True  # dockerd 20.10 and 26.1 serve it; the 2017 design had no such route
     # the worker of ListWorkers and Ping: dockerd 20.10 names it "moby"; 26.1 gives it a UUID (None: one per --root)
@@ -78,6 +80,7 @@ PROFILES = {
         encode_metadata=True, exporter_id=True, traceparent=True,
         incremental_dockerfile=False,  # bk13 frontend/dockerui/config.go:325,417 (local.differ: none)
         probe_ignored_dockerignore=False,  # measured: no context transfer with followpaths .dockerignore then
+        stream_protocol_env=False,
         redial_error='rpc error: code = Unavailable desc = rpc error: code = Unavailable desc = connection error: '
                      'desc = "transport: Error while dialing: only one connection allowed"',
         worker_id=None, worker_cpu_levels=True, buildkit_version="v0.13.2+reference",
@@ -134,6 +137,8 @@ class DaemonConfig:
         self.root = os.path.abspath(self.root)
         if self.generation not in PROFILES:
             raise ValueError(f"unknown generation {self.generation!r} (n-1, n or n+1)")
+        if not PROFILES[self.generation].stream_protocol_env:
+            self.forced_protocol = None
         if self.health_first is None and self.health_interval is not None:
             self.health_first = self.health_interval  # a Go ticker's first tick is one period in
         for name in PROFILE_TIMERS:

@@ -1,9 +1,10 @@
 """``POST /grpc``: the upgrade to h2c on which the daemon serves BuildKit's Control API and gateway.
 
 As dockerd does (moby's api/server/router/grpc): a request without ``Upgrade`` or with another protocol than
-``h2c`` is refused with 400 before anything switches; otherwise ``101`` with exactly ``Connection: Upgrade`` and
-``Upgrade: h2c``, and the daemon is the HTTP/2 *server* on the connection (the client sends the preface, here
-buildx or the reference client with ``--api grpc``). The calls are reference/daemon/control.py's, served by the
+``h2c`` is refused with 500 (measured on dockerd 20.10 and 26.1, whose ``/session`` answers 400) before anything
+switches; otherwise ``101`` with exactly ``Connection: Upgrade`` and ``Upgrade: h2c``, and the daemon is the
+HTTP/2 *server* on the connection (the client sends the preface, here buildx or the reference client with
+``--api grpc``). The calls are reference/daemon/control.py's, served by the
 daemon's transport (h2 by default, grpcio behind a byte pump). Connections that close right after the 101
 (buildx opens some) just end.
 """
@@ -43,10 +44,10 @@ class GrpcEndpoint:
         """Serve one upgraded connection in this (the HTTP connection's) thread until it ends."""
         upgrade = request.header("upgrade")
         if not upgrade:
-            exchange.error(400, "no upgrade proto in request")
+            exchange.error(500, "no upgrade proto in request")  # dockerd: 500 here, 400 on /session
             return
         if upgrade != "h2c":
-            exchange.error(400, f"protocol {upgrade} not supported")
+            exchange.error(500, f"protocol {upgrade} not supported")
             return
         gone = threading.Event()
         try:
