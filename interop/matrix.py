@@ -102,6 +102,26 @@ def load_skew(root: str) -> tuple[dict, dict] | None:
     return skew, run
 
 
+# The grades a case's requirements can have, worst first; a group's cell counts the case once, by the worst grade
+# among that group's requirements in the case (a case that failed in another group does not count as failing here).
+_WORST_FIRST = ("ERROR", "FAIL", "NON-STRICT", "XFAIL", "UNSUPPORTED", "PASS")
+
+
+def _group_outcomes(record: dict) -> dict[str, str]:
+    """{requirement group: the case's outcome for it}; without per-requirement verdicts, the case's outcome."""
+    requirements = record.get("requirements", [])
+    verdicts = record.get("verdicts")
+    if not requirements:
+        return {"(no requirement)": record["outcome"]}
+    if verdicts is None:
+        return {group_of(r): record["outcome"] for r in requirements}
+    grades: dict[str, set[str]] = defaultdict(set)
+    for req_id in requirements:
+        grades[group_of(req_id)].add(verdicts.get(req_id, record["outcome"]))
+    # NOT REACHED and NOT APPLICABLE alone: the case graded nothing of the group (counted as not run)
+    return {group: next((g for g in _WORST_FIRST if g in found), "SKIPPED") for group, found in grades.items()}
+
+
 def build_matrix(runs: list[tuple[str, dict, dict]]) -> dict:
     cells: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: defaultdict(lambda: dict.fromkeys(COUNTED, 0)))
     failures = []
@@ -109,12 +129,12 @@ def build_matrix(runs: list[tuple[str, dict, dict]]) -> dict:
     for run_name, run, results in runs:
         for record in results.get("tests", []):
             outcome = record["outcome"]
-            groups = sorted({group_of(r) for r in record.get("requirements", [])}) or ["(no requirement)"]
+            by_group = _group_outcomes(record)
             for row in implementations_of(record, run):
                 if row not in row_order:
                     row_order.append(row)
-                for group in groups:
-                    cells[row][group][outcome] = cells[row][group].get(outcome, 0) + 1
+                for group, group_outcome in by_group.items():
+                    cells[row][group][group_outcome] = cells[row][group].get(group_outcome, 0) + 1
                 if outcome in ("FAIL", "ERROR"):
                     failures.append({"run": run_name, "implementation": row, "nodeid": record["nodeid"],
                                      "outcome": outcome, "requirements": record.get("requirements", []),

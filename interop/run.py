@@ -9,7 +9,9 @@ DIR/{results.json,summary.md,junit.xml}):
   dind-<tag>          daemon role against dockerd in Docker in Docker, one per image (default: dockerd 20.10
                       and 26.1; offline, images built from the peers' binaries), i.e.
                       pytest conformance --daemon-under-test unix:///tmp/dsc-dind-.../docker.sock
-  docker-cli-20.10    client role with the real CLI (--client-under-test peer:docker-cli-20.10)
+  docker-cli-20.10    client role with the real CLI (--client-under-test peer:docker-cli-20.10, POST /build)
+  docker-cli-26.1     client role with the CLI 26.1 + buildx 0.13 (--client-under-test peer:docker-cli-26.1,
+                      BuildKit's control API on POST /grpc)
   embedded            the embedded reference pairs (plain pytest conformance)
   differential-<tag>  one docker CLI command into our reference daemon and into the dind daemon: identical
                       local exports (conformance/test_differential.py, -p conformance.differential)
@@ -45,6 +47,10 @@ from conformance.targets import PEER_PREFIX, identify
 from . import matrix as matrix_module
 
 DEFAULT_REPORT_ROOT = os.path.join("reports", "interop")
+# The real clients put under test, one client-role run each: the CLI 20.10 builds with POST /build, the CLI 26.1
+# runs buildx 0.13, which builds through BuildKit's control API on POST /grpc.
+CLIENT_PEERS = ("docker-cli-20.10", "docker-cli-26.1")
+CLIENT_PEERS_LABELS = {"docker-cli-20.10": "docker CLI 20.10", "docker-cli-26.1": "docker CLI 26.1 + buildx 0.13"}
 # pytest runs from the project root, whatever the caller's directory (test paths are relative to it).
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -174,7 +180,7 @@ def execute(runs: list[Run], extra: list[str], jobs: int, timeout: float) -> Non
 
 
 def plan_runs(dind_daemons: list[tuple[dind.ResolvedImage, dind.DindDaemon]], report_root: str,
-              with_cli: bool, with_skew: bool = False) -> list[Run]:
+              with_cli: bool | tuple[str, ...], with_skew: bool = False) -> list[Run]:
     # Longest first (the embedded pairs), so the other runs share the second job slot.
     runs: list[Run] = [Run("embedded", "embedded", "embedded reference pairs", ["conformance"])]
     for resolved, daemon in dind_daemons:
@@ -182,9 +188,11 @@ def plan_runs(dind_daemons: list[tuple[dind.ResolvedImage, dind.DindDaemon]], re
         # identify() reads /version: "dockerd 20.10.24+dfsg1" (an image of another version names itself).
         runs.append(Run(f"dind-{resolved.tag}", "daemon", f"{identify(daemon.url)} (dind {resolved.tag})",
                         ["conformance", "--daemon-under-test", daemon.url], details=details))
-    if with_cli:
-        runs.append(Run("docker-cli-20.10", "client", f"docker CLI 20.10 ({peers.version('docker-cli-20.10')})",
-                        ["conformance", "--client-under-test", PEER_PREFIX + "docker-cli-20.10"]))
+    clients = CLIENT_PEERS if with_cli is True else tuple(with_cli or ())
+    for name in clients:
+        label = CLIENT_PEERS_LABELS[name]
+        runs.append(Run(name, "client", f"{label} ({peers.version(name)})",
+                        ["conformance", "--client-under-test", PEER_PREFIX + name]))
     for resolved, daemon in dind_daemons:
         runs.append(Run(f"differential-{resolved.tag}", "differential",
                         f"differential: our daemon n+1 vs dind {resolved.tag}",
@@ -223,11 +231,15 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(args.report_root, ignore_errors=True)  # a stale run must not reach the matrix
     os.makedirs(args.report_root)
 
-    missing_cli = peers.missing_reason("docker-cli-20.10")
-    with_cli = missing_cli is None
-    if not with_cli:
-        message = f"client-role interop run skipped: {missing_cli}"
-        (setup_problems.append if in_ci else _log)(message)
+    with_cli = []
+    for name in CLIENT_PEERS:
+        missing_cli = peers.missing_reason(name)
+        if missing_cli is None:
+            with_cli.append(name)
+        else:
+            message = f"client-role interop run of {name} skipped: {missing_cli}"
+            (setup_problems.append if in_ci else _log)(message)
+    with_cli = tuple(with_cli)
 
     missing_skew = "skipped (--no-skew)" if args.no_skew else realpeers.no_docker_reason(
         "dockerd-20.10", "dockerd-26.1", "docker-cli-20.10", "docker-cli-26.1")
