@@ -306,7 +306,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
             "identified_by": {k.split("_", 1)[0]: v for k, v in item.user_properties
                               if k in ("daemon_identified_by", "client_identified_by")},
             "failed_requirement": getattr(exc, "req_id", None),
-            "message": _short_message(report),
+            "message": _short_message(report, exc),
             "expected": _text(getattr(exc, "expected", None)),
             "actual": _text(getattr(exc, "actual", None)),
             "transcript": list(getattr(exc, "transcript", []) or []),
@@ -368,11 +368,14 @@ def _text(value) -> str | None:
     return None if value is None else str(value)
 
 
-def _short_message(report: pytest.TestReport) -> str:
+def _short_message(report: pytest.TestReport, exc: BaseException | None = None) -> str:
     if report.passed and not getattr(report, "non_strict", None):
         return ""
     if getattr(report, "non_strict", None):
         return report.non_strict
+    if exc is not None and not isinstance(exc, (AssertionError, outcomes.Unsupported)) and not report.skipped:
+        # an ERROR: what broke, in its own words (a precondition says what the peer did), not the test's source
+        return f"{type(exc).__name__}: {exc}"[-4000:]
     if isinstance(report.longrepr, tuple):
         return str(report.longrepr[2])
     text = str(report.longrepr or "")

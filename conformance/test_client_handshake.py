@@ -25,7 +25,7 @@ from .harness.daemon_scripts import (
     HEALTH, H2_PREFACE, TARSTREAM, CallOutcome, ScriptResult, finish, open_diffcopy, read_listing, recv_packet,
     run_client, send_packet, unary, vertex_error_trace,
 )
-from .harness.entry_points import build_request_rule, entry_point
+from .harness.entry_points import NoBuildRequested, build_request_rule, entry_point
 from .harness.instrumented_daemon import ScenarioResult
 from .harness.scenarios import fetch
 from .harness.scripted_client import make_context
@@ -209,8 +209,11 @@ def test_refused_upgrade_is_reported(client):
     message = "conformance refuses this session (code 7731)"
     body = json.dumps({"message": message}).encode()
     ctx = make_context({"a.txt": "a"})
-    daemon, run = run_client(client, ctx, lambda build: ScenarioResult(),
+    daemon, run = run_client(client, ctx, lambda build: ScenarioResult(), expect_build=False,
                              daemon_kw={"refuse": (400, body), "session_wait": 1.0}, timeout=60)
+    if not daemon.session_requests:
+        raise NoBuildRequested(f"harness precondition: the client never asked for a session; exit status "
+                               f"{run.returncode}; last output:\n{run.output[-1500:]}")
     sent = b"".join(daemon.after_refusal)
     expect("HANDSHAKE-9", H2_PREFACE[:4] not in sent and b"\x00\x00" not in sent[:3],
            "no HTTP/2 on a connection that was not upgraded", sent[:64])
@@ -231,6 +234,9 @@ def test_client_exits_when_its_build_is_refused_before_the_upgrade(client):
     body = json.dumps({"message": message}).encode()
     daemon, run = run_client(client, make_context({"a.txt": "a"}),
                              daemon_kw={"refuse_build": (400, body), "hold_upgrade": 2.0}, timeout=15)
+    if not daemon.build_arrivals:
+        raise NoBuildRequested(f"harness precondition: the client asked for no build; exit status {run.returncode}; "
+                               f"last output:\n{run.output[-1500:]}")
     order = [what for _, what in sorted(daemon.timeline)]
     expect("TIMEOUT-6", run.returncode not in (0, -9), "the client exits, with an error",
            f"exit {run.returncode}; daemon saw: {order}", [run.output[-2000:]])

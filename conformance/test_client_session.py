@@ -12,7 +12,7 @@ import pytest
 from reference import filemode
 from reference.paths import path_sort_key
 
-from .harness.entry_points import build_request_rule
+from .harness.entry_points import build_request_rule, require_build
 from .harness.instrumented_daemon import InstrumentedDaemon
 from .harness.scenarios import DockerdLikeFetch
 from .harness.scripted_client import make_context
@@ -24,7 +24,8 @@ requirement = pytest.mark.requirement
 def _run(client, context, scenario, **kw):
     with InstrumentedDaemon(scenario, generation=client.generation) as daemon:
         run = client.run(context, daemon.host, **kw)
-        return daemon, run
+    require_build(daemon, run)
+    return daemon, run
 
 
 def _n_plus_1(client):

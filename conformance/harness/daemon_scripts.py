@@ -223,16 +223,23 @@ class ScriptDaemon(InstrumentedDaemon):
         self._stop.wait()
 
 
-def run_client(client, context: str, fn=None, *, daemon_kw: dict | None = None, **run_kw):
+def run_client(client, context: str, fn=None, *, daemon_kw: dict | None = None, expect_build: bool | None = None,
+               **run_kw):
     """Run the client once against a ScriptDaemon whose scenario is ``fn``.
 
     The daemon plays the client's generation (dockerd 26.1's metadata for an n+1 client).
-    Returns (daemon, run); a scenario bug raises HarnessError."""
+    Returns (daemon, run); a scenario bug raises HarnessError. A case with a scenario needs the client to ask for
+    a build (``expect_build``, default: whether ``fn`` is given): a client that asked for none raises
+    NoBuildRequested, with its exit status and output, instead of failing the case's checks."""
+    from .entry_points import require_build
+
     script = Script(fn) if fn is not None else None
     with ScriptDaemon(script, **{"generation": client.generation, **(daemon_kw or {})}) as daemon:
         run = client.run(context, daemon.host, **run_kw)
     if script is not None:
         script.check(run)
+    if expect_build if expect_build is not None else fn is not None:
+        require_build(daemon, run)
     return daemon, run
 
 

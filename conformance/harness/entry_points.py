@@ -12,6 +12,24 @@ BUILD_REQUEST_RULES = {"build": "BUILD-1", "grpc": "GRPC-3"}
 LEGACY_BUILD_RULE = "BUILD-7"
 
 
+class NoBuildRequested(RuntimeError):
+    """The case needs a build and the client asked for none: an ERROR of the case's precondition, never a
+    requirement's FAIL, reported with what the client said."""
+
+
+def require_build(daemon, run) -> None:
+    """Raise :class:`NoBuildRequested`, with the client's exit status and last output lines, unless it asked for a
+    build on either entry point."""
+    if daemon.builds:
+        return
+    tail = "\n".join(run.output.strip().splitlines()[-15:]) or "(no output)"
+    solves = len(getattr(getattr(daemon.control_api, "record", None), "solves", []) or [])
+    raise NoBuildRequested(
+        f"harness precondition: the client asked for no build (no POST /build, no Control/Solve that ran the "
+        f"Dockerfile frontend; {solves} other Solve(s)); requests: {[f'{m} {t}' for m, t in daemon.requests][:12]}; "
+        f"exit status {run.returncode} after {run.seconds:.1f} s; last output:\n{tail}")
+
+
 def entry_point(daemon) -> str:
     """``build`` or ``grpc``: how the client's (first) build came; ``build`` when it asked for none."""
     if daemon.builds:
