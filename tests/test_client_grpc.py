@@ -149,3 +149,20 @@ def test_the_command_line_takes_api_and_prints_the_progress(context, tmp_path):
     with open(tmp_path / "s.json") as fh:
         assert json.load(fh)["api"] == "grpc"
     assert sorted(os.listdir(dest)) == sorted(os.listdir(context))
+
+
+@pytest.mark.parametrize("api", ["build", "grpc"])
+def test_tags_and_outputs_may_be_given_as_docker_build_writes_them(api, context, tmp_path):
+    """build(tags="x:y") is one tag, not one per character; outputs take -o strings, alone or in a list."""
+    dest = str(tmp_path / "out")
+    with reference_daemon("n+1") as (host, _):
+        image = build(context, host=host, tags="api:one", api=api, timeout=60).image_id
+        images = json.loads(api_call("GET", "/images/json", host=host)[1])
+        assert next(i["RepoTags"] for i in images if i["Id"] == image) == ["api:one"]
+        build(context, host=host, outputs=f"type=local,dest={dest}", api=api, timeout=60)
+        assert not diff_snapshots(_expected(context), snapshot(dest, with_mtime_of_dirs=False))
+        tar = str(tmp_path / "out.tar")
+        build(context, host=host, outputs=[f"type=tar,dest={tar}"], api=api, timeout=60)
+        assert tarfile.is_tarfile(tar)
+    with pytest.raises(ValueError, match="unsupported output type"):
+        build(context, outputs="type=registry,dest=x")

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, TextIO
+from typing import TYPE_CHECKING, Callable, Iterable, TextIO
 from urllib.parse import urlencode
 
 from ..dockerhost import EngineError, HttpConnection, connect, error_message
@@ -106,9 +106,9 @@ def _serve(transport: str):
 def build(
     context: str,
     *,
-    tags: list[str] = (),
+    tags: str | Iterable[str] = (),
     dockerfile: str | None = None,
-    outputs: list[Output] = (),
+    outputs: str | Output | Iterable[str | Output] = (),
     secrets: dict[str, str] | None = None,
     build_args: dict[str, str] | None = None,
     labels: dict[str, str] | None = None,
@@ -132,8 +132,15 @@ def build(
     ``api``: ``build`` (POST /build) or ``grpc`` (Control/Solve on POST /grpc); None: the generation's (n+1:
     grpc, where the daemon has the Control API; a daemon that answers /grpc with 404 gets /build), or ``build``
     when ``extra_query`` (more /build parameters) is given.
+
+    ``tags``: one tag or several; ``outputs``: ``Output`` objects or ``-o`` strings (``type=local,dest=DIR``,
+    ``type=tar,dest=FILE``, or a bare directory), one or a list.
     """
     started = time.monotonic()
+    tags = [tags] if isinstance(tags, str) else list(tags)
+    if isinstance(outputs, (str, Output)):
+        outputs = [outputs]
+    outputs = [out if isinstance(out, Output) else Output.parse(out) for out in outputs]
     default_sync, default_authority, always_secrets = GENERATIONS[generation]
     filesync = tuple(filesync) if filesync else default_sync
     token_authority = default_authority if auth is None else auth == "v2"
