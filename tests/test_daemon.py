@@ -186,9 +186,16 @@ def test_ping_version_and_unknown_routes(refd):
         info = json.loads(body)
         assert status == 200 and info["ApiVersion"] == "1.41" and info["MinAPIVersion"] == "1.12"
         assert info["Os"] == "linux" and info["Arch"]
-    for path in ("/nope", "/v1.41/containers/json", "/v1.41/build/nope"):
+    for path in ("/nope", "/v1.41/build/nope"):
         status, _, body = refd.get(path)
         assert (status, json.loads(body)) == (404, {"message": "page not found"}), path
+    # what dockerd serves and this daemon does not says so (a 404 makes the docker CLI look for an image to pull)
+    for path in ("/v1.41/containers/json", "/containers/create", "/v1.41/images/refimg:1/history",
+                 "/images/create", "/networks"):
+        status, _, body = refd.get(path)
+        message = json.loads(body)["message"]
+        assert status == 501 and message.startswith("not supported by the reference daemon: GET ") and \
+            "runs no containers" in message, (path, status, message)
     status, _, body = refd.get("/v1.99/version")
     assert status == 400 and "too new" in json.loads(body)["message"]
 
@@ -693,6 +700,18 @@ def test_cli_system_df_and_builder_prune(refd, docker_config, tmp_path):
     assert "Total reclaimed space" in proc.stdout
     assert json.loads(refd.get("/system/df")[2])["BuildCache"] == []
     assert os.listdir(os.path.join(refd.root, "cache")) == []
+
+
+@needs_cli
+def test_cli_info_is_clean_and_run_says_what_the_daemon_does_not_do(refd, docker_config, tmp_path):
+    info = run_docker(refd, docker_config, "info")
+    assert info.returncode == 0 and "WARNING" not in info.stdout + info.stderr, info.stdout + info.stderr
+    context = make_context(tmp_path / "ctx")
+    assert run_docker(refd, docker_config, "build", "-q", "-t", "refimg:1", context).returncode == 0
+    run = run_docker(refd, docker_config, "run", "--rm", "refimg:1")
+    # not "Unable to find image ... locally" and a pull: the image exists; running it is what is not supported
+    assert run.returncode != 0 and "not supported by the reference daemon: POST /containers/create" in run.stderr
+    assert "Unable to find image" not in run.stderr, run.stderr
 
 
 @needs_cli

@@ -34,6 +34,13 @@ OWN_USER_AGENT = "docker-session-reference/"
 _VERSION_PREFIX = re.compile(r"^/v([0-9]+(?:\.[0-9]+)?)(/.*)$")
 _IMAGE_JSON = re.compile(r"^/images/(.+)/json$")
 _IMAGE = re.compile(r"^/images/(.+)$")
+# Engine API areas dockerd serves and this daemon does not: a plain "not supported" (501) instead of dockerd's 404,
+# which the docker CLI reads as "no such image" (`docker run` then tries to pull it) or "page not found".
+_UNSERVED_AREAS = ("/containers", "/exec", "/networks", "/volumes", "/swarm", "/nodes", "/services", "/tasks",
+                   "/secrets", "/configs", "/plugins", "/distribution", "/auth", "/events", "/commit")
+_UNSERVED_IMAGE_ROUTES = re.compile(r"^/images/(create|load|search|prune|get)$|^/images/.+/(tag|push|history|get)$")
+NOT_SUPPORTED = ("not supported by the reference daemon: {request} (it builds images and serves the client "
+                 "session; it runs no containers and keeps no registry or network state)")
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -43,6 +50,11 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 def default_headers(config: DaemonConfig | None = None) -> list[tuple[str, str]]:
     engine, api = (config.engine_version, config.api_version) if config else (ENGINE_VERSION, API_VERSION)
     return [("Server", f"Docker/{engine} (linux)"), ("Api-Version", api), ("Ostype", "linux")]
+
+
+def _is_unserved_engine_route(path: str) -> bool:
+    return (any(path == area or path.startswith(area + "/") for area in _UNSERVED_AREAS)
+            or bool(_UNSERVED_IMAGE_ROUTES.match(path)))
 
 
 class EngineApi:
@@ -77,7 +89,10 @@ class EngineApi:
         method = request.method
         route = self._route(method, path)
         if route is None:
-            exchange.error(404, "page not found")
+            if _is_unserved_engine_route(path):
+                exchange.error(501, NOT_SUPPORTED.format(request=f"{method} {path}"))
+            else:
+                exchange.error(404, "page not found")
             return
         handler, args = route
         handler(request, exchange, *args)
@@ -165,6 +180,11 @@ class EngineApi:
             "Plugins": {"Volume": [], "Network": [], "Authorization": None, "Log": []},
             "RegistryConfig": {"IndexConfigs": {}, "InsecureRegistryCIDRs": [], "Mirrors": []},
             "SecurityOptions": [], "Warnings": None,
+            # The docker CLI 20.10 prints a WARNING line for each of these that is false or missing; this daemon
+            # runs no containers, so no resource control or network feature is missing from anything it runs.
+            **dict.fromkeys(("MemoryLimit", "SwapLimit", "OomKillDisable", "CpuCfsQuota", "CpuCfsPeriod",
+                             "CPUShares", "CPUSet", "IPv4Forwarding", "BridgeNfIptables", "BridgeNfIp6tables",
+                             "KernelMemory", "PidsLimit"), True),
         })
 
     def system_df(self, request: Request, exchange: Exchange) -> None:
