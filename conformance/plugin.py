@@ -10,6 +10,8 @@ Options (each also as an environment variable):
   --requirement ID[,ID...]      SESSION_REQUIREMENT         only the cases that check these requirements
   --report-dir DIR              SESSION_REPORT_DIR          junit.xml, results.json, summary.md
   --allow-destructive           SESSION_ALLOW_DESTRUCTIVE   run cases that can damage a non-conforming daemon
+  --keep-artifacts              SESSION_KEEP_ARTIFACTS      keep the images and build cache the run adds to a
+                                                            daemon (by default removed at the end: cleanup.py)
   --conformance-profile fast|thorough                       hypothesis effort
 Without a target option the suite runs against the embedded reference pairs.
 """
@@ -21,7 +23,7 @@ import os
 
 import pytest
 
-from . import outcomes
+from . import cleanup, outcomes
 from .identify import families_of
 from . import scratch
 from .targets import (
@@ -59,6 +61,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--allow-destructive", action="store_true",
                     default=os.environ.get("SESSION_ALLOW_DESTRUCTIVE", "") not in ("", "0", "false"),
                     help="run cases that can corrupt or crash a non-conforming daemon (use a disposable one)")
+    group.addoption("--keep-artifacts", action="store_true",
+                    default=os.environ.get("SESSION_KEEP_ARTIFACTS", "") not in ("", "0", "false"),
+                    help="keep the images, tags and build-cache records the run adds to a daemon (by default "
+                         "what was not there when the run attached is removed when it ends)")
     group.addoption("--conformance-profile", default=os.environ.get("SESSION_CONFORMANCE_PROFILE", "fast"),
                     choices=["fast", "thorough"])
 
@@ -151,11 +157,74 @@ def _apply_known_deviations(request: pytest.FixtureRequest, implementation: str)
 
 
 @pytest.fixture(scope="session")
-def _daemon_pool():
+def _daemon_pool(request: pytest.FixtureRequest):
     yield _started
-    for target in _started.values():
-        target.stop()
+    for spec, target in _started.items():
+        try:
+            _clean_daemon(request.config, spec, target)
+        finally:
+            target.stop()
     _started.clear()
+
+
+# -- leaving a daemon as the run found it (conformance/cleanup.py says which process cleans what) -------------
+
+_snapshots: dict[DaemonSpec, cleanup.Snapshot | str] = {}  # a snapshot, or why none could be taken
+_CLEANUP_OUTPUT = "conformance-cleanup"  # the worker's results, in xdist's workeroutput
+_cleanup_results: list[dict] = []
+_kept_hosts: list[str] = []
+
+
+def _snapshot_of(config: pytest.Config, spec: DaemonSpec, host: str, implementation: str | None = None) -> None:
+    if config.getoption("keep_artifacts"):
+        _kept_hosts.append(host)
+        _publish_cleanup(config)
+        return
+    try:
+        _snapshots[spec] = cleanup.Snapshot.take(host, implementation)
+    except (OSError, cleanup.CleanupError, ValueError) as exc:
+        _snapshots[spec] = f"no snapshot of {host} ({exc}): nothing removed"
+
+
+def _clean_daemon(config: pytest.Config, spec: DaemonSpec, target=None) -> None:
+    snapshot = _snapshots.pop(spec, None)
+    if isinstance(snapshot, str):
+        result = cleanup.Removed(target.host if target is not None else spec.url, problems=[snapshot]).as_dict()
+    elif snapshot is None or (target is not None and not target.alive()):
+        return
+    else:
+        result = cleanup.remove_what_the_run_added(snapshot).as_dict()
+    _cleanup_results.append(result)
+    _publish_cleanup(config)
+
+
+def _publish_cleanup(config: pytest.Config) -> None:
+    if hasattr(config, "workerinput"):  # set at once: the worker may be on its way out
+        config.workeroutput[_CLEANUP_OUTPUT] = json.dumps({"results": _cleanup_results, "kept": _kept_hosts})
+
+
+def _is_external(spec: DaemonSpec | None) -> bool:
+    return spec is not None and bool(spec.url) and not spec.peer
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # before xdist starts its workers (its own hook runs last): an external daemon's state before the run
+    config = session.config
+    if hasattr(config, "workerinput") or not config.getoption("daemon_under_test"):
+        return
+    for spec in daemon_specs(config):
+        if _is_external(spec):
+            _snapshot_of(config, spec, spec.url)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    output = getattr(node, "workeroutput", None) or {}
+    if _CLEANUP_OUTPUT in output:
+        data = json.loads(output[_CLEANUP_OUTPUT])
+        _cleanup_results.extend(data["results"])
+        _kept_hosts.extend(data["kept"])
 
 
 @pytest.fixture
@@ -173,6 +242,8 @@ def daemon(request: pytest.FixtureRequest, _daemon_pool):
         else:
             target = start_reference_daemon(spec)
         _daemon_pool[spec] = target
+        if not _is_external(spec):  # a daemon this process started: its own to clean
+            _snapshot_of(request.config, spec, target.host, target.implementation)
     if not target.alive() and target.private_peer is not None:
         # A private real peer is disposable: a destructive case may have crashed it (dockerd 20.10.24 dies of a
         # bare ".."), and the cases after it deserve a daemon.
@@ -180,6 +251,7 @@ def daemon(request: pytest.FixtureRequest, _daemon_pool):
         target.stop()
         target = _daemon_pool[spec] = start_peer_daemon(spec)
         target.restarted_after = died[-2000:]
+        _snapshot_of(request.config, spec, target.host, target.implementation)
     if not target.alive():
         pytest.fail(f"daemon {spec.name} is not answering (it died in an earlier case):\n{target.logs()}")
     _apply_known_deviations(request, target.implementation)
@@ -386,6 +458,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
     if hasattr(config, "workerinput"):
         return  # an xdist worker: the controller writes the reports
+    for spec in [spec for spec in _snapshots if _is_external(spec)]:
+        _clean_daemon(config, spec)  # every worker has finished
     results = config.stash.get(_RESULTS_KEY, [])
     report_dir = config.getoption("report_dir")
     if report_dir and results:
@@ -406,6 +480,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     where the report is."""
     if hasattr(config, "workerinput"):
         return
+    cleaned = cleanup.summary_line(_cleanup_results, kept=_kept_hosts)
+    if cleaned:
+        terminalreporter.write_line(cleaned)
     results = [r for r in config.stash.get(_RESULTS_KEY, []) if r["requirements"]]
     if not results:
         return

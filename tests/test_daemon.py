@@ -797,3 +797,27 @@ def test_cli_step_cache(refd, docker_config, tmp_path):
     fresh_layers = json.loads(refd.get("/images/fresh/json")[2])["RootFS"]["Layers"]
     assert len(cached_layers) == len(fresh_layers) == 3
     assert _layer_members(refd, cached_layers[-1]) == _layer_members(refd, fresh_layers[-1])
+
+
+def test_build_prune_takes_one_id_pattern_as_dockerd_does(tmp_path, monkeypatch):
+    d = RefDaemon(str(tmp_path / "root"))
+    try:
+        monkeypatch.setenv("DOCKER_HOST", d.host)
+        for name in ("one", "two"):
+            ctx = tmp_path / name
+            ctx.mkdir()
+            (ctx / "Dockerfile").write_text("FROM scratch\nCOPY . /\n")
+            (ctx / f"{name}.txt").write_text(name)
+            build(str(ctx), generation="n", host=d.host, timeout=30)
+        records = [r["ID"] for r in json.loads(d.get("/system/df")[2])["BuildCache"]]
+        assert len(records) >= 2
+        resp, body = api_call("POST", "/build/prune", host=d.host,
+                              query={"all": "1", "filters": json.dumps({"id": records[:2]})})
+        assert resp.status == 400 and json.loads(body)["message"] == "filters expect only one value"
+        resp, body = api_call("POST", "/build/prune", host=d.host,
+                              query={"all": "1", "filters": json.dumps({"id": [f"^{records[0]}$"]})})
+        assert resp.status == 200 and json.loads(body)["CachesDeleted"] == [records[0]]
+        left = [r["ID"] for r in json.loads(d.get("/system/df")[2])["BuildCache"]]
+        assert sorted(left) == sorted(records[1:])
+    finally:
+        d.close()

@@ -363,14 +363,16 @@ class ContextCache:
             entries = sorted(self._entries.values(), key=lambda e: e.meta.created_at)
             return [_usage(e) for e in entries]
 
-    def prune(self, *, all: bool = True, older_than: float | None = None, keep_storage: int = 0) -> tuple[list[str], int]:
+    def prune(self, *, all: bool = True, older_than: float | None = None, keep_storage: int = 0,
+              selected: Callable[[dict], bool] = lambda usage: True) -> tuple[list[str], int]:
         """Delete unused entries; returns (ids, bytes reclaimed).
 
         Without ``all`` only dangling entries (never completed) go.
         ``older_than`` (seconds) keeps entries used more recently than that;
-        ``keep_storage`` stops once the total is at most that many bytes.
+        ``keep_storage`` stops once the total is at most that many bytes;
+        ``selected`` (given :meth:`usage`'s description of an entry) narrows the candidates.
         """
-        return self._delete(self._choose_for_prune(all, older_than, keep_storage))
+        return self._delete(self._choose_for_prune(all, older_than, keep_storage, selected))
 
     def prune_usage(self, *, older_than: float | None = None, keep_storage: int = 0,
                     selected: Callable[[dict], bool] = lambda usage: True) -> list[dict]:
