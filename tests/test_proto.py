@@ -23,7 +23,7 @@ Stat = fsutil_types_pb2.Stat
 Packet = fsutil_types_pb2.Packet
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-GENERATED_MODULES = ("fsutil_types", "filesync", "auth", "secrets", "control")
+GENERATED_MODULES = ("fsutil_types", "filesync", "auth", "secrets", "control", "sshforward")
 
 # Go os.FileMode bits, which Stat.mode carries instead of Unix st_mode bits.
 GO_MODE_DIR = 0x80000000
