@@ -59,9 +59,12 @@ class ClientSpec:
         return f"client={self.name}"
 
 
-def reference_client_command(generation: str, transport: str = "h2") -> str:
+def reference_client_command(generation: str, transport: str = "h2", *, hang_timeout: float | None = None) -> str:
+    """The command of a reference client; ``hang_timeout``: its grace after a failed step (None: its default,
+    the 20 s a real user waits for)."""
+    grace = "" if hang_timeout is None else f"--hang-timeout {hang_timeout:g} "
     return (f"{shlex.quote(sys.executable)} -m reference.client build --progress plain "
-            f"--generation {generation} --transport {transport} {{context}}")
+            f"--generation {generation} --transport {transport} {grace}{{context}}")
 
 
 def peer_client_spec(name: str, generation: str = "auto") -> ClientSpec:
@@ -78,27 +81,37 @@ def peer_daemon_spec(name: str, generation: str = "auto") -> DaemonSpec:
     return DaemonSpec(name, generation=generation, peer=name)
 
 
-# The embedded n+1 daemon runs dockerd 26.1's session schedule faster: health checks every 1 s instead of 5 s,
-# and a 2.5 + 2.5 s session wait instead of 5 + 5 s. It reports its timers on /version, and the timing cases
-# judge it by them (DaemonTarget.timing); its defaults are dockerd 26.1's (reference/daemon/config.py).
+# The embedded daemons run their generation's session schedule faster than the real daemons do; they
+# report their timers on /version, and the timing cases judge them by them (DaemonTarget.timing, scaled from
+# the generation's windows). The defaults of reference/daemon are the real daemons' (reference/daemon/config.py);
+# real peers always keep their own.
+#   n-1, n (dockerd 20.10: checks every 1 s, 10 s deadline, an unknown session fails after 5 s):
+#     checks every 0.5 s, 5 s deadline, an unknown session fails after 1.5 s.
+#   n+1 (dockerd 26.1: checks every 5 s, 30 s deadline, 5 + 5 s session wait):
+#     checks every 1 s, 6 s deadline, 1 + 1 s session wait.
+EMBEDDED_N_TIMERS = ("--health-interval", "0.5", "--health-timeout", "5", "--session-wait", "1.5")
 EMBEDDED_N_PLUS_1_TIMERS = ("--health-interval", "1", "--health-timeout", "6",
-                            "--session-wait", "2.5", "--session-group-wait", "2.5")
+                            "--session-wait", "1", "--session-group-wait", "1")
+# The embedded clients' grace after a failed step whose build never ends (the reference client's default,
+# 20 s, is what a user waits; TIMEOUT-5 only asks for an end within its bound).
+EMBEDDED_CLIENT_HANG_TIMEOUT = 5.0
 
 
 # One embedded pair per generation; generation n runs on the grpcio transport, so that the independent
 # second gRPC stack is graded by the whole suite too (the transports are orthogonal to the generations).
 def embedded_daemon_specs() -> list[DaemonSpec]:
-    return [DaemonSpec("reference-n-1", generation="n-1"),
-            DaemonSpec("reference-n-grpcio", generation="n", transport="grpcio"),
+    return [DaemonSpec("reference-n-1", generation="n-1", daemon_args=EMBEDDED_N_TIMERS),
+            DaemonSpec("reference-n-grpcio", generation="n", transport="grpcio", daemon_args=EMBEDDED_N_TIMERS),
             DaemonSpec("reference-n+1", generation="n+1", daemon_args=EMBEDDED_N_PLUS_1_TIMERS)]
 
 
 def embedded_client_specs() -> list[ClientSpec]:
-    return [ClientSpec("reference-n-1", reference_client_command("n-1"), "n-1",
+    grace = EMBEDDED_CLIENT_HANG_TIMEOUT
+    return [ClientSpec("reference-n-1", reference_client_command("n-1", hang_timeout=grace), "n-1",
                        implementation="reference-client 0.1 (n-1)"),
-            ClientSpec("reference-n-grpcio", reference_client_command("n", "grpcio"), "n",
+            ClientSpec("reference-n-grpcio", reference_client_command("n", "grpcio", hang_timeout=grace), "n",
                        implementation="reference-client 0.1 (n) via grpcio"),
-            ClientSpec("reference-n+1", reference_client_command("n+1"), "n+1",
+            ClientSpec("reference-n+1", reference_client_command("n+1", hang_timeout=grace), "n+1",
                        implementation="reference-client 0.1 (n+1)")]
 
 

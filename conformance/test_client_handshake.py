@@ -507,9 +507,6 @@ def test_vertex_error_without_end_of_response(client, request):
     """dockerd 20.10 can report a failed step and never end /build (FILESEND-2)."""
     if client.generation == "n-1":
         pytest.skip("TIMEOUT-5 is a rule of generation n and later; this client is generation n-1")
-    if request.config.getoption("conformance_profile") == "fast" and not request.config.getoption("client_under_test"):
-        pytest.skip("waits for the client's grace period (20 s for the reference client): "
-                    "runs with --conformance-profile thorough or --client-under-test")
     text = "method /moby.filesync.v1.FileSend/diffcopy not supported by the client"
     result = ScriptResult(image_id=None, trace=[vertex_error_trace(text)], hang=True)
     bound = 45.0

@@ -272,13 +272,16 @@ def test_context_changes_between_transfers(client, request):
 
         @rule(data=st.data(), name=st.sampled_from(["h1", "d1/h2", "d2/h3"]))
         def hardlink(self, data, name):
-            files = [f for f in self._entries("file") if f != name]
+            # not the link's own name, nor a file in the way of its parent directory (which _ensure_parent
+            # replaces with a directory: linking that would be a hard link to a directory)
+            files = [f for f in self._entries("file") if f != name and not (name + "/").startswith(f + "/")]
             if files:
                 source = data.draw(st.sampled_from(files))
                 if os.path.lexists(self._p(name)):
                     self._clear(name)
                 self._ensure_parent(name)
-                os.link(self._p(source), self._p(name))
+                if os.path.isfile(self._p(source)) and not os.path.islink(self._p(source)):
+                    os.link(self._p(source), self._p(name))
             self.pull()
 
         @rule(lines=st.lists(st.sampled_from(IGNORE_LINES), max_size=5))

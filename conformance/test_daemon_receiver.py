@@ -495,8 +495,8 @@ def test_bare_dot_and_dotdot_are_rejected_and_daemon_survives(daemon, case):
     log = SenderLog()
     obs = run_scripted(daemon, interactive_sender([Entry(p.stat) for p in stats], log=log, timeout=8.0))
     transcript = log.transcript
-    # dockerd 20.10.24 dies 2.5-3.4 s after such a listing: give it time to show
-    deadline = time.monotonic() + 6.0
+    # dockerd 20.10.24 dies 2.5-3.4 s after such a listing: give it time to show (DaemonTiming.survival_window)
+    deadline = time.monotonic() + daemon.timing.survival_window
     alive = True
     while time.monotonic() < deadline:
         alive = daemon.alive()
@@ -524,8 +524,8 @@ def test_unanswered_request_fails_after_a_stall(daemon):
     host = daemon.host
     if daemon.process is not None:  # embedded reference daemon: an extra one with a short stall period
         private = start_private_reference_daemon(daemon.generation, daemon.spec.transport,
-                                                 extra_args=["--stall-timeout", "2"])
-        host, stall_for = private.host, 8.0
+                                                 extra_args=["--stall-timeout", "1"])
+        host, stall_for = private.host, 5.0
     try:
         log = SenderLog()
         started = time.monotonic()

@@ -137,7 +137,8 @@ def test_closed_session_is_removed(daemon):
     expect("HANDSHAKE-10", bool(soon.errors()), "a build naming a session that just closed fails",
            f"{soon.seconds:.2f} s: {soon.errors()[:1] or soon.messages[-3:]}")
     # the session is removed at the first health tick after the close (every 1 s on dockerd 20.10, 5 s on 26.1)
-    removed_by = timing.tick_after(live.opened_at, live.closed_at) + 0.5 + 0.1 * timing.health_interval
+    removed_by = (timing.tick_after(live.opened_at, live.closed_at) + min(0.5, 0.5 * timing.health_interval)
+                  + 0.1 * timing.health_interval)
     time.sleep(max(0.0, removed_by - time.monotonic()))
     later = raw_build(daemon.host, build_query(live.session_id), timeout=30)
     errors = later.errors()
@@ -273,7 +274,8 @@ def test_failed_health_check_ends_the_session_and_its_build(daemon, code):
         raise RpcError(code, "no health here")
 
     def late_context(stream):
-        time.sleep(daemon.timing.health_first + 1.5)  # the first check comes (and fails) meanwhile
+        # the first check comes (and fails) meanwhile
+        time.sleep(daemon.timing.health_first + min(1.5, 1.5 * daemon.timing.health_interval))
         normal(stream)
 
     normal = FileSyncRouter(ctx)
@@ -300,10 +302,11 @@ def test_session_without_health_service_is_gone_for_a_later_build(daemon):
     methods = [FILESYNC_DIFFCOPY]
     with LiveSession(daemon.host, ctx, handler_overrides={HEALTH_CHECK: unimplemented}, methods=methods) as live:
         # the first check (and the end of the session) comes at health_first
-        time.sleep(max(0.0, live.opened_at + timing.health_first + 1.0 - time.monotonic()))
+        settle = min(1.0, timing.health_interval)
+        time.sleep(max(0.0, live.opened_at + timing.health_first + settle - time.monotonic()))
         build = raw_build(daemon.host, build_query(live.session_id), timeout=30)
     errors = build.errors()
-    expect("HEALTH-4", bool(errors), f"a build {timing.health_first + 1:g} s after the session opened fails "
+    expect("HEALTH-4", bool(errors), f"a build {timing.health_first + settle:g} s after the session opened fails "
            "(the session is gone)", build.messages[-3:])
     low, high = timing.unknown_session_window
     expect(unknown_rule, low <= build.seconds <= high and live.session_id in errors[0],

@@ -627,6 +627,17 @@ class DaemonTiming:
         return self._scaled(self.nominal.unknown_session_window, self.unknown_session_wait,
                             self.nominal.unknown_session_wait)
 
+    @property
+    def survival_window(self) -> float:
+        """How long a case watches the daemon for a deferred crash after a hostile listing (SAFETY-4).
+        dockerd 20.10.24 dies 2.5-3.4 s after the stream (its content hash recursing): a real daemon is
+        watched for 6 s. The embedded reference daemon (declared timers) rejects the listing before the build
+        ends, and what it still does with the session afterwards (dropping it, at a health tick) is over
+        within two health intervals: it is watched for that long, at least 1.5 s."""
+        if not self.declared:
+            return 6.0
+        return max(1.5, 2 * self.health_interval)
+
     def tick_after(self, opened_at: float, moment: float) -> float:
         """The first health-check tick at or after ``moment`` for a session upgraded at ``opened_at``
         (the daemon notices a closed connection, or fails a check, only then)."""

@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
                         "the daemon has no /grpc)")
     b.add_argument("--stats-json", metavar="FILE")
     b.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    b.add_argument("--hang-timeout", type=float, default=20.0,
+                   help="seconds to wait for the end of a build after the daemon reported a failed step "
+                        "(dockerd 20.10 may never end it)")
     args = parser.parse_args(argv)
 
     try:
@@ -154,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             api=args.api,
             progress=progress,
             timeout=args.timeout,
+            hang_timeout=args.hang_timeout,
         )
     except (SessionError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
