@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("-f", "--file", dest="dockerfile")
     b.add_argument("-o", "--output", action="append", default=[])
     b.add_argument("--secret", action="append", default=[])
+    b.add_argument("--ssh", action="append", default=[], metavar="default|ID[=SOCKET|KEY[,KEY...]]",
+                   help="an SSH agent (SSH_AUTH_SOCK, a socket, or key files) for RUN --mount=type=ssh; "
+                        "only listing and signing with its keys are forwarded")
     b.add_argument("--build-arg", action="append", default=[])
     b.add_argument("--label", action="append", default=[])
     b.add_argument("--target")
@@ -132,6 +135,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     secrets = dict(_secret(s) for s in args.secret)
+    try:  # up front, as the docker CLI: no build with an agent that is not there
+        from .sshforward import SSHSpecError, parse_ssh_specs
+
+        ssh = parse_ssh_specs(args.ssh) if args.ssh else None
+    except SSHSpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     for output in outputs:
         _check_output(output)
     _check_daemon(docker_host())
@@ -144,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             dockerfile=args.dockerfile,
             outputs=outputs,
             secrets=secrets,
+            ssh=ssh,
             build_args=_pairs(args.build_arg, "--build-arg"),
             labels=_pairs(args.label, "--label"),
             target=args.target,

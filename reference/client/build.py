@@ -110,6 +110,7 @@ def build(
     dockerfile: str | None = None,
     outputs: str | Output | Iterable[str | Output] = (),
     secrets: dict[str, str] | None = None,
+    ssh: "Iterable[str] | dict | None" = None,
     build_args: dict[str, str] | None = None,
     labels: dict[str, str] | None = None,
     target: str | None = None,
@@ -134,7 +135,9 @@ def build(
     when ``extra_query`` (more /build parameters) is given.
 
     ``tags``: one tag or several; ``outputs``: ``Output`` objects or ``-o`` strings (``type=local,dest=DIR``,
-    ``type=tar,dest=FILE``, or a bare directory), one or a list.
+    ``type=tar,dest=FILE``, or a bare directory), one or a list. ``ssh``: ``--ssh`` values (``default``,
+    ``ID=SOCKET`` or ``ID=KEY[,KEY...]``) or {ID: ``sshforward.AgentSource``}: the agents the build's
+    ``RUN --mount=type=ssh`` may use, only their listed keys, never key management.
     """
     started = time.monotonic()
     tags = [tags] if isinstance(tags, str) else list(tags)
@@ -158,8 +161,10 @@ def build(
     if entry == "grpc" and (legacy_request or extra_query):
         raise ValueError("--api grpc needs generation n or n+1 and no extra /build parameters")
     advertise_secrets = always_secrets or bool(secrets)
+    ssh_sources = _ssh_sources(ssh)  # errors (no agent, a bad key) before anything is sent
+    advertise_ssh = always_secrets or bool(ssh_sources)  # buildx advertises SSH on every session, as Secrets
     methods = advertised_methods(filesync, exporting=bool(outputs), secrets=advertise_secrets, auth=True,
-                                 token_authority=token_authority)
+                                 token_authority=token_authority, ssh=advertise_ssh)
     request = SessionRequest(new_session_id(), *session_identity(context_dir, generation), methods)
     query = {
         "version": "2",
@@ -192,6 +197,11 @@ def build(
         query["pull"] = "1"
     query.update(extra_query or {})
 
+    ssh_provider = None
+    if advertise_ssh:  # its private agents (key files) start, or fail, before anything reaches the daemon
+        from .sshforward import SSHForwardProvider
+
+        ssh_provider = SSHForwardProvider(ssh_sources)
     control = None  # the /grpc connection and its socket
     if entry == "grpc":
         from . import grpcsolve
@@ -200,6 +210,8 @@ def build(
             control = grpcsolve.open_control(host, transport)
         except EngineError as exc:
             if api is not None or exc.status != 404:
+                if ssh_provider is not None:
+                    ssh_provider.close()
                 raise
             entry = "build"  # no Control API (the 2017 design; a suite's instrumented daemon)
     try:
@@ -209,6 +221,8 @@ def build(
         sock, leftover = open_session(request, host)
     except BaseException:
         _close_control(control)
+        if ssh_provider is not None:
+            ssh_provider.close()
         raise
     server = response = None
     try:
@@ -219,7 +233,7 @@ def build(
             response = _BuildResponse(query, host, body)
         services = _client_services(context_dir, dockerfile_path, legacy_request, filesync, secrets,
                                     advertise_secrets, token_authority, outputs,
-                                    stream_protocol_env=generation != "n+1")
+                                    stream_protocol_env=generation != "n+1", ssh=ssh_provider)
         handlers = services.handlers()
         if sorted(handlers) != methods:
             raise AssertionError(f"served methods {sorted(handlers)} differ from the advertised {methods}")
@@ -235,6 +249,8 @@ def build(
                                                         hang_timeout=hang_timeout, error_type=BuildError)
             image_id = None if outputs else grpcsolve.image_id_of(answer)
     finally:
+        if ssh_provider is not None:
+            ssh_provider.close()
         if response is not None:
             response.close()
         if server is not None:
@@ -254,7 +270,7 @@ def _close_control(control) -> None:
 
 def _client_services(context_dir: str, dockerfile_path: str, legacy_request: bool, filesync, secrets,
                      advertise_secrets: bool, token_authority: bool, outputs, *,
-                     stream_protocol_env: bool = True) -> "ClientServices":
+                     stream_protocol_env: bool = True, ssh=None) -> "ClientServices":
     from .auth import AuthProvider
     from .services import ClientServices, SyncedDir, local_export_handler, tar_export_handler
 
@@ -269,11 +285,21 @@ def _client_services(context_dir: str, dockerfile_path: str, legacy_request: boo
     # BuildKit 0.10 dropped BUILD_STREAM_PROTOCOL (bk commit 35fcb28a0): the n+1 client ignores it (NEGOTIATE-3)
     services = ClientServices(dirs, filesync=filesync, secrets=secrets, advertise_secrets=advertise_secrets,
                               auth=AuthProvider(token_authority=token_authority),
-                              stream_protocol_env=stream_protocol_env)
+                              stream_protocol_env=stream_protocol_env, ssh=ssh)
     for out in outputs:
         make = local_export_handler if out.type == "local" else tar_export_handler
         services.export = make(out.dest, services._record)
     return services
+
+
+def _ssh_sources(ssh) -> dict:
+    if not ssh:
+        return {}
+    if isinstance(ssh, dict):
+        return dict(ssh)
+    from .sshforward import parse_ssh_specs
+
+    return parse_ssh_specs([ssh] if isinstance(ssh, str) else list(ssh))
 
 
 def _read_dockerignore(context_dir: str, dockerfile_path: str) -> list[str]:

@@ -17,10 +17,12 @@ AUTH_CREDENTIALS = "/moby.filesync.v1.Auth/Credentials"
 AUTH_FETCH_TOKEN = "/moby.filesync.v1.Auth/FetchToken"
 AUTH_GET_TOKEN_AUTHORITY = "/moby.filesync.v1.Auth/GetTokenAuthority"
 AUTH_VERIFY_TOKEN_AUTHORITY = "/moby.filesync.v1.Auth/VerifyTokenAuthority"
+SSH_CHECK_AGENT = "/moby.sshforward.v1.SSH/CheckAgent"
+SSH_FORWARD_AGENT = "/moby.sshforward.v1.SSH/ForwardAgent"
 
 
 def advertised_methods(filesync: tuple[str, ...], *, exporting: bool, secrets: bool,
-                       auth: bool, token_authority: bool) -> list[str]:
+                       auth: bool, token_authority: bool, ssh: bool = False) -> list[str]:
     """The method list of a session, sorted (one header line each).
 
     ``ClientServices.handlers()`` must serve exactly these; ``build()`` checks it.
@@ -34,6 +36,8 @@ def advertised_methods(filesync: tuple[str, ...], *, exporting: bool, secrets: b
         methods.append(FILESEND_DIFFCOPY)
     if secrets:
         methods.append(SECRETS_GET)
+    if ssh:
+        methods += [SSH_CHECK_AGENT, SSH_FORWARD_AGENT]
     if auth:
         methods.append(AUTH_CREDENTIALS)
         if token_authority:

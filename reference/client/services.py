@@ -107,6 +107,7 @@ class ClientServices:
         auth: "AuthProvider | None" = None,  # reference.client.auth.AuthProvider
         chunk_size: int = dc.GO_CHUNK_SIZE,
         stream_protocol_env: bool = True,  # honour BUILD_STREAM_PROTOCOL (generations n-1 and n)
+        ssh=None,  # reference.client.sshforward.SSHForwardProvider: serves and advertises the SSH service
     ) -> None:
         self.dirs = dirs
         self.filesync = filesync
@@ -116,6 +117,7 @@ class ClientServices:
         self.auth = auth
         self.chunk_size = chunk_size
         self.stream_protocol_env = stream_protocol_env
+        self.ssh = ssh
         self.streams: list[StreamStats] = []
         self.calls: list[str] = []  # every method the daemon called, in order
         self._lock = threading.Lock()
@@ -133,9 +135,12 @@ class ClientServices:
         }
         if self.auth is not None:
             served.update(self.auth.handlers())
+        if self.ssh is not None:
+            served.update(self.ssh.handlers())
         methods = advertised_methods(self.filesync, exporting=self.export is not None, secrets=self.advertise_secrets,
                                      auth=self.auth is not None,
-                                     token_authority=self.auth is not None and self.auth.token_authority)
+                                     token_authority=self.auth is not None and self.auth.token_authority,
+                                     ssh=self.ssh is not None)
         return {method: self._traced(served[method]) for method in methods}
 
     def methods(self) -> list[str]:

@@ -23,8 +23,7 @@ from ..pb import sshforward_pb2
 from ..sshagent import AgentFilter, AgentProtocolError
 from ..transport.base import RpcError, RpcStream, StatusCode
 
-SSH_CHECK_AGENT = "/moby.sshforward.v1.SSH/CheckAgent"
-SSH_FORWARD_AGENT = "/moby.sshforward.v1.SSH/ForwardAgent"
+from .methods import SSH_CHECK_AGENT, SSH_FORWARD_AGENT  # noqa: E402  (the method names live with the others)
 #: The call metadata key that names the agent of a ForwardAgent call.
 SSH_ID_METADATA_KEY = "buildkit.ssh.id"
 DEFAULT_ID = "default"
