@@ -198,7 +198,8 @@ def run(opts, vintage: str = "20.10") -> SuiteResult:
                                   scratch=ws.path, timeout=900)
                 return timed.check(f"docker build into {target} ({what})").seconds
 
-            for run_index in range(opts.runs):
+            def make_cold(run_index: int) -> None:
+                nonlocal restarted_for_cold
                 prune = cli("dockerd", "builder", "prune", "-af")
                 if prune.returncode != 0:
                     raise MeasurementError(f"docker builder prune on dockerd failed: {prune.stderr.strip()}")
@@ -207,31 +208,10 @@ def run(opts, vintage: str = "20.10") -> SuiteResult:
                 if prune.returncode != 0 or (run_index > 0 and reclaimed_nothing(prune.stdout)):
                     ours.restart_empty()
                     restarted_for_cold = True
-                # Whoever goes first in a phase runs its unchanged build right after the other's
-                # cold one (whose writes are still being flushed): the order alternates per run.
-                order = ("ours", "dockerd") if run_index % 2 == 0 else ("dockerd", "ours")
-                for target in order:
-                    samples[target]["cold"].append(build(target, "cold"))
-                    if target == "ours":
-                        peak = ours.peak_rss_mb()
-                        if peak is not None:
-                            samples["peak_mb"].append(peak)
-                for target in order:
-                    samples[target]["unchanged"].append(build(target, "unchanged"))
-                print(f"  {pair.suite}: run {run_index + 1}/{opts.runs}: cold {samples['ours']['cold'][-1]:.3f} s vs "
-                      f"{samples['dockerd']['cold'][-1]:.3f} s, unchanged {samples['ours']['unchanged'][-1]:.3f} s "
-                      f"vs {samples['dockerd']['unchanged'][-1]:.3f} s", flush=True)
 
-    for label, kind, target in (("wall time, cold", "cold", TARGET_COLD),
-                                ("wall time, unchanged", "unchanged", TARGET_UNCHANGED)):
-        ours_s, peer_s = samples["ours"][kind], samples["dockerd"][kind]
-        result.rows.append(Row(label, median(ours_s), median(peer_s), target=target,
-                               ours_samples=ours_s, peer_samples=peer_s))
-    peaks = samples["peak_mb"]
-    result.rows.append(Row("our daemon's peak RSS (VmHWM)", max(peaks) if peaks else None, None, unit="MB",
-                           target=TARGET_PEAK_MB, target_kind="absolute", ours_samples=peaks,
-                           error="" if peaks else "VmHWM could not be read",
-                           note=f"read after each cold build of ~{tree.total_bytes / 1e6:.0f} MB; worst run"))
+            _interleaved_runs(opts.runs, pair.suite, samples, ours, make_cold, build)
+
+    _timing_rows(result, samples, TARGET_COLD, TARGET_UNCHANGED, tree)
     result.notes.append(f"context: {tree.describe()}; docker CLI 20.10 'build -q', whole wall time; "
                         f"median of {opts.runs} interleaved runs" + (" (fewer than 3: indicative only)"
                                                                         if opts.runs < 3 else ""))
@@ -248,6 +228,40 @@ def run(opts, vintage: str = "20.10") -> SuiteResult:
 BUILDX_CLIENT = "docker-cli-26.1"
 TARGET_BUILDX_COLD = 1.0
 TARGET_BUILDX_UNCHANGED = 1.0
+
+
+def _interleaved_runs(runs: int, suite: str, samples: dict, ours: ReferenceDaemon, make_cold, build) -> None:
+    """``runs`` rounds of: ``make_cold(round)``, a cold build on each daemon (our peak RSS read after ours), then
+    an unchanged build on each. Whoever goes first in a phase runs its unchanged build right after the other's cold
+    one (whose writes are still being flushed): the order alternates per round."""
+    for run_index in range(runs):
+        make_cold(run_index)
+        order = ("ours", "dockerd") if run_index % 2 == 0 else ("dockerd", "ours")
+        for target in order:
+            samples[target]["cold"].append(build(target, "cold"))
+            if target == "ours":
+                peak = ours.peak_rss_mb()
+                if peak is not None:
+                    samples["peak_mb"].append(peak)
+        for target in order:
+            samples[target]["unchanged"].append(build(target, "unchanged"))
+        print(f"  {suite}: run {run_index + 1}/{runs}: cold {samples['ours']['cold'][-1]:.3f} s vs "
+              f"{samples['dockerd']['cold'][-1]:.3f} s, unchanged {samples['ours']['unchanged'][-1]:.3f} s "
+              f"vs {samples['dockerd']['unchanged'][-1]:.3f} s", flush=True)
+
+
+def _timing_rows(result: SuiteResult, samples: dict, target_cold: float, target_unchanged: float, tree) -> None:
+    """The cold and unchanged wall-time medians against their targets, and our daemon's worst peak RSS."""
+    for label, kind, target in (("wall time, cold", "cold", target_cold),
+                                ("wall time, unchanged", "unchanged", target_unchanged)):
+        ours_s, peer_s = samples["ours"][kind], samples["dockerd"][kind]
+        result.rows.append(Row(label, median(ours_s), median(peer_s), target=target,
+                               ours_samples=ours_s, peer_samples=peer_s))
+    peaks = samples["peak_mb"]
+    result.rows.append(Row("our daemon's peak RSS (VmHWM)", max(peaks) if peaks else None, None, unit="MB",
+                           target=TARGET_PEAK_MB, target_kind="absolute", ours_samples=peaks,
+                           error="" if peaks else "VmHWM could not be read",
+                           note=f"read after each cold build of ~{tree.total_bytes / 1e6:.0f} MB; worst run"))
 
 
 def _buildx_env(host: str, config_dir: str) -> dict[str, str]:
@@ -294,36 +308,17 @@ def run_buildx(opts) -> SuiteResult:
                 timed = run_timed([buildx, "build", "-q", context], env=envs[target], scratch=ws.path, timeout=900)
                 return timed.check(f"buildx build into {target} ({what})").seconds
 
-            for run_index in range(opts.runs):
+            def make_cold(run_index: int) -> None:
                 for target in ("dockerd", "ours"):
                     pruned = prune(target)
                     if pruned.returncode != 0:
                         raise MeasurementError(f"buildx prune on {target} failed: {pruned.stderr.strip()}")
                     if target == "ours" and run_index > 0 and reclaimed_nothing(pruned.stdout):
                         raise MeasurementError("buildx prune -af reclaimed nothing on our daemon: not cold")
-                order = ("ours", "dockerd") if run_index % 2 == 0 else ("dockerd", "ours")
-                for target in order:
-                    samples[target]["cold"].append(build(target, "cold"))
-                    if target == "ours":
-                        peak = ours.peak_rss_mb()
-                        if peak is not None:
-                            samples["peak_mb"].append(peak)
-                for target in order:
-                    samples[target]["unchanged"].append(build(target, "unchanged"))
-                print(f"  {suite}: run {run_index + 1}/{opts.runs}: cold {samples['ours']['cold'][-1]:.3f} s vs "
-                      f"{samples['dockerd']['cold'][-1]:.3f} s, unchanged {samples['ours']['unchanged'][-1]:.3f} s "
-                      f"vs {samples['dockerd']['unchanged'][-1]:.3f} s", flush=True)
 
-    for label, kind, target in (("wall time, cold", "cold", TARGET_BUILDX_COLD),
-                                ("wall time, unchanged", "unchanged", TARGET_BUILDX_UNCHANGED)):
-        ours_s, peer_s = samples["ours"][kind], samples["dockerd"][kind]
-        result.rows.append(Row(label, median(ours_s), median(peer_s), target=target,
-                               ours_samples=ours_s, peer_samples=peer_s))
-    peaks = samples["peak_mb"]
-    result.rows.append(Row("our daemon's peak RSS (VmHWM)", max(peaks) if peaks else None, None, unit="MB",
-                           target=TARGET_PEAK_MB, target_kind="absolute", ours_samples=peaks,
-                           error="" if peaks else "VmHWM could not be read",
-                           note=f"read after each cold build of ~{tree.total_bytes / 1e6:.0f} MB; worst run"))
+            _interleaved_runs(opts.runs, suite, samples, ours, make_cold, build)
+
+    _timing_rows(result, samples, TARGET_BUILDX_COLD, TARGET_BUILDX_UNCHANGED, tree)
     result.notes.append(f"context: {tree.describe()}; buildx 'build -q' (docker driver, image export), whole wall "
                         f"time including buildx's two capability probes; median of {opts.runs} interleaved runs"
                         + (" (fewer than 3: indicative only)" if opts.runs < 3 else ""))
