@@ -2,6 +2,7 @@
 
     python -m conformance.observed reports/interop            # print what the runs show, per requirement
     python -m conformance.observed reports/interop --write    # and rewrite the Real peers: lines of SPEC.md
+    python -m conformance.observed DIR --write --requirement SSH-1,SSH-2   # only these rules' lines
 
 Reads every ``<run>/results.json`` under the report root (``tox -e interop`` writes one per run). A requirement
 was observed on a real peer when a case naming it ran against that peer, and it is graded per peer:
@@ -106,8 +107,10 @@ def trailer_text(req_id: str, observed: dict[str, dict[str, str]]) -> str:
     return "not checked against a real peer."
 
 
-def rewrite_spec(spec_path: str, observed: dict[str, dict[str, str]]) -> int:
-    """Replace (or add, as the rule's last trailer) every rule's Real peers: line. Returns the rules changed."""
+def rewrite_spec(spec_path: str, observed: dict[str, dict[str, str]], only: set[str] | None = None) -> int:
+    """Replace (or add, as the rule's last trailer) every rule's Real peers: line, or only those of the rules in
+    ``only`` (runs of some cases leave the other rules as the last full run found them). Returns the rules
+    changed."""
     with open(spec_path, encoding="utf-8") as fh:
         lines = fh.read().split("\n")
     catalogue = load_catalogue()
@@ -117,7 +120,7 @@ def rewrite_spec(spec_path: str, observed: dict[str, dict[str, str]]) -> int:
 
     def close_rule() -> None:
         nonlocal changed
-        if current is None:
+        if current is None or (only is not None and current not in only):
             return
         # The rule's block ends at the last non-empty line written for it.
         while out and not out[-1].strip():
@@ -156,16 +159,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m conformance.observed", description=__doc__.splitlines()[0])
     parser.add_argument("report_root", help="a tox -e interop report root, e.g. reports/interop")
     parser.add_argument("--write", action="store_true", help="rewrite the Real peers: lines of SPEC.md")
+    parser.add_argument("--requirement", metavar="ID[,ID...]",
+                        help="only these rules (for reports of a run of some cases)")
     args = parser.parse_args(argv)
+    only = None
+    if args.requirement:
+        only = {part.strip() for part in args.requirement.split(",") if part.strip()}
+        unknown = sorted(only - set(load_catalogue()))
+        if unknown:
+            parser.error(f"unknown requirement IDs: {', '.join(unknown)}")
     observed = observe(args.report_root)
     if not observed:
         print(f"no results.json with real peers under {args.report_root}", file=sys.stderr)
         return 1
     for req_id in load_catalogue():
-        print(f"{req_id}: {trailer_text(req_id, observed)}")
+        if only is None or req_id in only:
+            print(f"{req_id}: {trailer_text(req_id, observed)}")
     if args.write:
         spec = os.path.join(os.path.dirname(os.path.abspath(__file__)), "SPEC.md")
-        print(f"{rewrite_spec(spec, observed)} rules changed in {spec}", file=sys.stderr)
+        print(f"{rewrite_spec(spec, observed, only)} rules changed in {spec}", file=sys.stderr)
     return 0
 
 

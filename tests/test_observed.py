@@ -73,3 +73,15 @@ def test_rewrite_spec_adds_and_replaces_the_line_of_every_rule(tmp_path, monkeyp
     original = source
     kept = [line for line in before.split("\n") if not line.startswith("Real peers:")]
     assert [line for line in original if not line.startswith("Real peers:")] == kept
+
+
+def test_rewrite_spec_can_touch_only_the_named_rules(tmp_path):
+    """A run of some cases updates the lines of its rules and leaves the others as the last full run wrote them."""
+    spec = tmp_path / "SPEC.md"
+    source = Path(catalogue.__file__).with_name("SPEC.md").read_text()
+    spec.write_text(source)
+    grades = {"HEALTH-1": {"dockerd 26.1.5": "fails"}, "HEALTH-3": {"dockerd 26.1.5": "fails"}}
+    assert observed.rewrite_spec(str(spec), grades, only={"HEALTH-1"}) == 1
+    parsed, before = catalogue.parse_catalogue(spec.read_text()), catalogue.parse_catalogue(source)
+    assert parsed["HEALTH-1"].real_peers == "dockerd 26.1.5 fails."
+    assert all(parsed[i].real_peers == before[i].real_peers for i in before if i != "HEALTH-1")

@@ -9,6 +9,7 @@ import os
 import socket
 import struct
 import subprocess
+import sys
 import time
 
 import pytest
@@ -225,3 +226,10 @@ def test_parse_ssh_spec(tmp_path, keys, user_agent):
     with pytest.raises(SSHSpecError, match="duplicate agent ID"):
         parse_ssh_specs(["default", f"default={alpha_path}"], env)
     assert list(parse_ssh_specs(["a", "", f"b={alpha_path}"], env)) == ["a", "b"]
+
+
+def test_a_missing_key_fails_before_the_daemon_is_dialled(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "reference.client", "build", "--ssh", f"k={tmp_path}/nope",
+                           str(tmp_path)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-daemon.sock"})
+    assert proc.returncode != 0 and "nope" in proc.stderr and "no-daemon" not in proc.stderr, proc.stderr

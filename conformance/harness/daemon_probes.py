@@ -720,3 +720,47 @@ def shell_image(daemon) -> str:
         unsupported(_shell_problem[daemon.host])
     _shells[daemon.host] = SHELL_TAG
     return SHELL_TAG
+
+
+SSH_TOOLS_TAG = "conf-daemon-ssh-tools:latest"
+SSH_TOOLS = ("/usr/bin/ssh-add",)  # dynamically linked: copied with the libraries ldd names
+_ssh_images: dict[str, str] = {}
+
+
+def ssh_tools_image(daemon) -> str:
+    """An image with busybox and Debian's ``ssh-add`` (with its libraries) for ``RUN --mount=type=ssh`` steps,
+    built once per daemon after :func:`shell_image` (so a daemon that runs no RUN steps is UNSUPPORTED)."""
+    import pytest
+
+    shell_image(daemon)
+    if daemon.host in _ssh_images:
+        return _ssh_images[daemon.host]
+    missing = [tool for tool in SSH_TOOLS if not os.access(tool, os.X_OK)]
+    if missing:
+        pytest.skip(f"{missing[0]} is missing (Debian: openssh-client, installed by .ci/install-system-deps)")
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from ..realpeers import _write_busybox_rootfs
+    from .scripted_client import make_context, run_build
+
+    ctx = make_context({}, dockerfile="FROM scratch\nCOPY rootfs/ /\nENV PATH=/bin:/usr/bin\n")
+    try:
+        rootfs = Path(ctx) / "rootfs"
+        _write_busybox_rootfs(rootfs)
+        for tool in SSH_TOOLS:
+            files = [tool] + [part for line in subprocess.run(["ldd", tool], capture_output=True, text=True,
+                                                              check=True).stdout.splitlines()
+                              for part in line.split() if part.startswith("/")]
+            for path in files:
+                target = rootfs / path.lstrip("/")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(os.path.realpath(path), target)  # the file itself, under the name the loader asks for
+        obs = run_build(daemon.host, ctx, query={"t": SSH_TOOLS_TAG})
+    finally:
+        shutil.rmtree(ctx, ignore_errors=True)
+    if not obs.ok:
+        pytest.skip(f"the daemon cannot build the image with ssh-add needed for SSH mounts: {obs.error}")
+    _ssh_images[daemon.host] = SSH_TOOLS_TAG
+    return SSH_TOOLS_TAG

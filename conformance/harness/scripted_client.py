@@ -102,6 +102,7 @@ def run_build(
     filesync: tuple[str, ...] = ("diffcopy",),
     output: tuple[str, str] | None = None,
     secrets: dict[str, str] | None = None,
+    ssh=None,  # a reference.client.sshforward.SSHForwardProvider: served and advertised
     query: dict | None = None,
     timeout: float = 60.0,
     hang_timeout: float = 15.0,
@@ -112,7 +113,7 @@ def run_build(
     """Open a session and run one build; never raises for what the daemon does."""
     started = time.monotonic()
     dirs = {"context": SyncedDir(context, owner=(0, 0)), "dockerfile": SyncedDir(dockerfile_dir or context)}
-    services = ClientServices(dirs, filesync=filesync, secrets=secrets)
+    services = ClientServices(dirs, filesync=filesync, secrets=secrets, ssh=ssh)
     out_attrs = []
     if output is not None:
         kind, dest = output
