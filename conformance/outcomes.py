@@ -43,10 +43,26 @@ def format_failure(req_id: str, expected, actual, transcript: list[str] | None =
     if seed:
         lines.append(f"Seed: {seed}")
     if transcript:
-        lines.append("Transcript:")
-        shown = transcript if len(transcript) <= 60 else transcript[:30] + [f"... {len(transcript) - 50} more ..."] + transcript[-20:]
+        folded = fold_transcript(transcript)
+        lines.append("Transcript:" if len(folded) == len(transcript) else
+                     f"Transcript ({len(transcript)} lines, repeats folded):")
+        shown = folded if len(folded) <= 60 else folded[:30] + [f"... {len(folded) - 50} more ..."] + folded[-20:]
         lines.extend("  " + line for line in shown)
     return "\n".join(lines)
+
+
+def fold_transcript(transcript: list[str]) -> list[str]:
+    """Runs of one repeated line as that line once with ``×N`` (a 5 MB file is 160 equal DATA lines)."""
+    folded: list[str] = []
+    previous, count = None, 0
+    for line in [*transcript, None]:
+        if line == previous:
+            count += 1
+            continue
+        if previous is not None:
+            folded.append(previous if count == 1 else f"{previous} ×{count}")
+        previous, count = line, 1
+    return folded
 
 
 class RequirementFailure(AssertionError):

@@ -9,8 +9,7 @@ registry (no network here) and is not covered.
 
 from __future__ import annotations
 
-import os
-import tempfile
+import uuid
 
 import pytest
 
@@ -31,16 +30,12 @@ def needs_n_plus_1(daemon) -> None:
 
 def _dockerfile(daemon, required: bool) -> str:
     flag = ",required=true" if required else ""
+    # a token of its own: BuildKit merges identical steps of concurrent builds, and the merged step would ask
+    # whichever of their sessions for the secret (a false verdict under pytest -n)
     return (f"FROM {shell_image(daemon)}\n"
-            f"RUN --mount=type=secret,id=token{flag} test \"$(cat /run/secrets/token 2>&1)\" = s3cr3t "
+            f"RUN --mount=type=secret,id=token{flag} : conf-{uuid.uuid4().hex[:12]}; "
+            f"test \"$(cat /run/secrets/token 2>&1)\" = s3cr3t "
             "|| { echo SECRET-STATE-$(ls /run/secrets/ 2>&1 | tr -c a-z0-9 _); exit 3; }\n")
-
-
-def _secret_file() -> str:
-    fd, path = tempfile.mkstemp(prefix="conf-secret-")
-    os.write(fd, b"s3cr3t")
-    os.close(fd)
-    return path
 
 
 @requirement("SECRETS-3")
@@ -85,10 +80,12 @@ def test_missing_optional_secret_is_left_out(daemon, answer):
 
 
 @requirement("SECRETS-3")
-def test_present_secret_is_fetched(daemon):
+def test_present_secret_is_fetched(daemon, tmp_path):
     needs_n_plus_1(daemon)
     ctx = make_context({}, dockerfile=_dockerfile(daemon, required=True))
-    obs = run_build(daemon.host, ctx, secrets={"token": _secret_file()}, query={"networkmode": "none", "nocache": "1"},
+    secret = tmp_path / "token"
+    secret.write_bytes(b"s3cr3t")
+    obs = run_build(daemon.host, ctx, secrets={"token": str(secret)}, query={"networkmode": "none", "nocache": "1"},
                     hang_timeout=10)
     expect("SECRETS-3", SECRETS_GET in obs.calls and obs.ok,
            "the daemon fetches the secret and the step reads it", obs.describe())
