@@ -227,13 +227,13 @@ def test_refused_upgrade_is_reported(client):
 @requirement("TIMEOUT-6")
 def test_client_exits_when_its_build_is_refused_before_the_upgrade(client):
     """dockerd refuses some build options at once (HTTP 400), while the client's upgrade may
-    still be in flight. Here the 101 waits up to 2 s for that answer; once the answer has gone
+    still be in flight. Here the 101 waits up to 0.5 s for that answer; once the answer has gone
     out it never comes, so the client must give up its session on its own. (A client that
-    upgrades before it sends /build gets its 101 after 2 s, then the refusal.)"""
+    upgrades before it sends /build gets its 101 after 0.5 s, then the refusal.)"""
     message = 'Unsupported isolation: "conformance-7732"'
     body = json.dumps({"message": message}).encode()
     daemon, run = run_client(client, make_context({"a.txt": "a"}),
-                             daemon_kw={"refuse_build": (400, body), "hold_upgrade": 2.0}, timeout=15)
+                             daemon_kw={"refuse_build": (400, body), "hold_upgrade": 0.5}, timeout=15)
     if not daemon.build_arrivals:
         raise NoBuildRequested(f"harness precondition: the client asked for no build; exit status {run.returncode}; "
                                f"last output:\n{run.output[-1500:]}")

@@ -524,7 +524,7 @@ def test_unanswered_request_fails_after_a_stall(daemon):
     host = daemon.host
     if daemon.process is not None:  # embedded reference daemon: an extra one with a short stall period
         private = start_private_reference_daemon(daemon.generation, daemon.spec.transport,
-                                                 extra_args=["--stall-timeout", "1"])
+                                                 extra_args=[*daemon.spec.daemon_args, "--stall-timeout", "1"])
         host, stall_for = private.host, 5.0
     try:
         log = SenderLog()

@@ -52,7 +52,7 @@ def _json_message(resp) -> str:
 @requirement("HANDSHAKE-4", "ROLE-2")
 def test_upgrade_answers_101_then_sends_http2_client_preface(daemon):
     resp, _ = raw_request(daemon.host, "/session", session_headers(new_session_id(), BASIC_METHODS),
-                          read_after=1.0)
+                          read_after=1.0, enough=lambda rest: len(rest) >= len(H2_PREFACE) + 9)
     transcript = [resp.head.decode("latin-1"), f"then {len(resp.rest)} bytes: {resp.rest[:40]!r}"]
     expect("HANDSHAKE-4", resp.status == 101, "HTTP/1.1 101", resp.status_line, transcript)
     expect("HANDSHAKE-4", [v.lower() for v in resp.header("Connection")] == ["upgrade"]
@@ -414,6 +414,7 @@ def test_build_stream_protocol_env_restricts_the_daemon(daemon):
     from .harness.daemon_probes import start_private_reference_daemon
 
     private = start_private_reference_daemon(daemon.generation, daemon.spec.transport,
+                                             extra_args=daemon.spec.daemon_args,  # the target's short timers
                                              env={"BUILD_STREAM_PROTOCOL": "TarStream"})
     try:
         ctx = make_context({"a.txt": "a"})

@@ -57,9 +57,11 @@ class RawResponse:
 
 
 def raw_request(host: str, path: str, headers: list[tuple[str, str]], *, read_after: float = 1.0,
-                keep_open: bool = False) -> tuple[RawResponse, socket.socket | None]:
+                keep_open: bool = False, enough: Callable[[bytes], bool] | None = None
+                ) -> tuple[RawResponse, socket.socket | None]:
     """Send one POST with exactly ``headers`` and read the response head plus what follows
-    within ``read_after`` seconds. With ``keep_open`` the socket is returned open."""
+    within ``read_after`` seconds, or until ``enough(what followed)``. With ``keep_open`` the socket is
+    returned open."""
     sock = connect(host, timeout=10.0)
     lines = [f"POST {path} HTTP/1.1", "Host: docker", *(f"{k}: {v}" for k, v in headers), "", ""]
     sock.sendall("\r\n".join(lines).encode("latin-1"))
@@ -74,7 +76,7 @@ def raw_request(host: str, path: str, headers: list[tuple[str, str]], *, read_af
     head += b"\r\n\r\n"
     end = time.monotonic() + read_after
     sock.settimeout(0.1)
-    while time.monotonic() < end:
+    while time.monotonic() < end and not (enough is not None and enough(rest)):
         try:
             chunk = sock.recv(65536)
         except (socket.timeout, TimeoutError):
@@ -633,10 +635,10 @@ class DaemonTiming:
         dockerd 20.10.24 dies 2.5-3.4 s after the stream (its content hash recursing): a real daemon is
         watched for 6 s. The embedded reference daemon (declared timers) rejects the listing before the build
         ends, and what it still does with the session afterwards (dropping it, at a health tick) is over
-        within two health intervals: it is watched for that long, at least 1.5 s."""
+        within one health interval: it is watched for that long, at least 0.5 s."""
         if not self.declared:
             return 6.0
-        return max(1.5, 2 * self.health_interval)
+        return max(0.5, self.health_interval)
 
     def tick_after(self, opened_at: float, moment: float) -> float:
         """The first health-check tick at or after ``moment`` for a session upgraded at ``opened_at``

@@ -122,7 +122,8 @@ class TokenService:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="token-service", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="token-service", daemon=True)  # a prompt shutdown()
         self._thread.start()
         return self
 
