@@ -3,9 +3,7 @@ daemon vertex.
 
 Runs the same ``reference.client.build.build()`` that ``python -m
 reference.client build`` runs, with a progress handler that keeps each
-vertex's *latest* state the way the docker CLI's progress display does (a later
-update replaces an earlier one, except that an update without ``started`` does
-not erase a known start).  BuildKit may report a vertex as started and
+vertex's *latest* state from the typed progress events (reference.client.progress).  BuildKit may report a vertex as started and
 completed more than once (a short first phase, then the real work); the final
 ``completed - started`` is what the CLI prints as ``#N DONE x.xs``.
 
@@ -27,17 +25,19 @@ class VertexTimes:
         self.latest: dict[str, dict] = {}  # digest -> {"name", "started", "completed"}
         self.context_updates: list[tuple[float | None, float | None]] = []
 
-    def __call__(self, status) -> None:
-        for v in status.vertexes:
-            started = v.started.ToNanoseconds() / 1e9 if v.HasField("started") else None
-            completed = v.completed.ToNanoseconds() / 1e9 if v.HasField("completed") else None
-            prev = self.latest.get(v.digest)
-            if prev is not None and prev["started"] is not None and started is None:
-                continue
-            self.latest[v.digest] = {"name": v.name, "started": started, "completed": completed,
-                                     "cached": v.cached}
-            if v.name == LOAD_CONTEXT:
-                self.context_updates.append((started, completed))
+    def __call__(self, event) -> None:
+        from reference.client.progress import StepCached, StepDone, StepFailed, StepStarted
+
+        if isinstance(event, StepStarted):
+            update = {"name": event.name, "started": event.started, "completed": None, "cached": False}
+        elif isinstance(event, (StepDone, StepCached, StepFailed)):
+            update = {"name": event.name, "started": event.started, "completed": event.completed,
+                      "cached": isinstance(event, StepCached)}
+        else:
+            return
+        self.latest[event.digest] = update
+        if event.name == LOAD_CONTEXT:
+            self.context_updates.append((update["started"], update["completed"]))
 
     def by_name(self) -> dict[str, dict]:
         return {entry["name"]: entry for entry in self.latest.values()}

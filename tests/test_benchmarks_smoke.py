@@ -215,9 +215,12 @@ def test_probe_keeps_the_final_timing_of_a_vertex_completed_twice():
                 getattr(vertex, field).CopyFrom(stamp)
         return status
 
-    times = VertexTimes()
+    from reference.client.progress import ProgressConverter
+
+    times, converter = VertexTimes(), ProgressConverter()
     for started, completed in ((None, None), (100.0, 100.00004), (100.001, None), (100.001, 102.5), (None, None)):
-        times(update(started, completed))
+        for event in converter.feed(update(started, completed)):
+            times(event)
     final = times.by_name()[LOAD_CONTEXT]
     assert final["completed"] - final["started"] == pytest.approx(2.499)
     assert as_cli_prints(2.499) == 2.5 and as_cli_prints(0.04) == 0.0

@@ -25,7 +25,7 @@ from ..session import SessionRequest, new_session_id, open_session, session_iden
 from .methods import advertised_methods
 
 if TYPE_CHECKING:
-    from ..pb.control_pb2 import StatusResponse
+    from .progress import ProgressEvent
     from .services import ClientServices, StreamStats
 
 # Only what opening the session and sending /build needs is imported up front:
@@ -122,7 +122,7 @@ def build(
     auth: str | None = None,
     transport: str = "h2",
     host: str | None = None,
-    progress: Callable[[StatusResponse], None] | None = None,
+    progress: Callable[[ProgressEvent], None] | None = None,
     timeout: float | None = None,
     hang_timeout: float = 20.0,
     extra_query: dict[str, str] | None = None,
@@ -138,7 +138,13 @@ def build(
     ``type=tar,dest=FILE``, or a bare directory), one or a list. ``ssh``: ``--ssh`` values (``default``,
     ``ID=SOCKET`` or ``ID=KEY[,KEY...]``) or {ID: ``sshforward.AgentSource``}: the agents the build's
     ``RUN --mount=type=ssh`` may use, only their listed keys, never key management.
+
+    ``progress``: called with each ``reference.client.progress`` event (a step started, cached, done or
+    failed; a status row; a log line) as the daemon reports it.
     """
+    from .progress import status_callback
+
+    on_status = status_callback(progress)
     started = time.monotonic()
     tags = [tags] if isinstance(tags, str) else list(tags)
     if isinstance(outputs, (str, Output)):
@@ -239,13 +245,13 @@ def build(
             raise AssertionError(f"served methods {sorted(handlers)} differ from the advertised {methods}")
         server = _serve(transport)(sock, handlers, leftover)
         if control is None:
-            image_id, vertex_errors = response.follow(progress, timeout, hang_timeout)
+            image_id, vertex_errors = response.follow(on_status, timeout, hang_timeout)
         else:
             solve = grpcsolve.solve_request(
                 new_session_id(), request.session_id, dockerfile_name=os.path.basename(dockerfile_path),
                 output_type=outputs[0].type if outputs else None, tags=list(tags), build_args=build_args,
                 labels=labels, target=target, no_cache=no_cache, pull=pull, network=network)
-            answer, vertex_errors = grpcsolve.run_solve(control[0], solve, progress=progress, timeout=timeout,
+            answer, vertex_errors = grpcsolve.run_solve(control[0], solve, progress=on_status, timeout=timeout,
                                                         hang_timeout=hang_timeout, error_type=BuildError)
             image_id = None if outputs else grpcsolve.image_id_of(answer)
     finally:
@@ -404,48 +410,37 @@ class _BuildResponse:
 
 
 class PlainProgress:
-    """``--progress plain``: one line per vertex event, like the docker CLI's plain mode."""
+    """``--progress plain``: one line per step event, like the docker CLI's plain mode."""
 
     def __init__(self, out: TextIO = sys.stderr):
         self.out = out
         self.numbers: dict[str, int] = {}
-        self.started: dict[str, float] = {}
-        self.done: set[str] = set()
 
     def _n(self, digest: str) -> int:
         return self.numbers.setdefault(digest, len(self.numbers) + 1)
 
-    def __call__(self, status: StatusResponse) -> None:
-        for v in status.vertexes:
-            n = self._n(v.digest)
-            started = v.started.ToNanoseconds() / 1e9 if v.HasField("started") else None
-            if started is not None and self.started.get(v.digest) != started:
-                # BuildKit 0.8 may complete a vertex and start it again (the context
-                # load does): the last completion is the real one
-                self.started[v.digest] = started
-                self.done.discard(v.digest)
-                self.out.write(f"#{n} {v.name}\n")
-            if v.cached and v.digest not in self.done:
-                self.done.add(v.digest)
-                self.out.write(f"#{n} CACHED\n")
-            elif v.error and v.digest not in self.done:
-                self.done.add(v.digest)
-                self.out.write(f"#{n} ERROR: {v.error}\n")
-            elif v.HasField("completed") and v.digest not in self.done:
-                self.done.add(v.digest)
-                took = v.completed.ToNanoseconds() / 1e9 - self.started.get(v.digest, v.completed.ToNanoseconds() / 1e9)
-                self.out.write(f"#{n} DONE {took:.1f}s\n")
-        for s in status.statuses:
-            if s.total:
-                self.out.write(f"#{self._n(s.vertex)} {s.ID} {s.current}/{s.total}\n")
-        for log in status.logs:
-            for line in log.msg.decode("utf-8", "replace").splitlines():
-                self.out.write(f"#{self._n(log.vertex)} {line}\n")
+    def __call__(self, event: "ProgressEvent") -> None:
+        from . import progress as ev
+
+        if isinstance(event, ev.StepStarted):
+            self.out.write(f"#{self._n(event.digest)} {event.name}\n")
+        elif isinstance(event, ev.StepCached):
+            self.out.write(f"#{self._n(event.digest)} CACHED\n")
+        elif isinstance(event, ev.StepFailed):
+            self.out.write(f"#{self._n(event.digest)} ERROR: {event.error}\n")
+        elif isinstance(event, ev.StepDone):
+            self.out.write(f"#{self._n(event.digest)} DONE {event.seconds:.1f}s\n")
+        elif isinstance(event, ev.StatusRow):
+            if event.total:
+                self.out.write(f"#{self._n(event.vertex)} {event.id} {event.current}/{event.total}\n")
+        elif isinstance(event, ev.LogLine):
+            for line in event.data.decode("utf-8", "replace").splitlines():
+                self.out.write(f"#{self._n(event.vertex)} {line}\n")
         self.out.flush()
 
 
 class LiveProgress:
-    """``--progress auto`` on a terminal: one line per vertex, redrawn in place."""
+    """``--progress auto`` on a terminal: one line per step, redrawn in place."""
 
     def __init__(self, out: TextIO = sys.stderr):
         self.out = out
@@ -453,21 +448,23 @@ class LiveProgress:
         self.drawn = 0
         self.t0 = time.monotonic()
 
-    def __call__(self, status: StatusResponse) -> None:
-        for v in status.vertexes:
-            entry = self.vertices.setdefault(v.digest, {"name": v.name, "state": "", "started": None})
-            if v.HasField("started") and entry["started"] is None:
-                entry["started"] = time.monotonic()
-            if v.error:
-                entry["state"] = "ERROR: " + v.error
-            elif v.cached:
-                entry["state"] = "CACHED"
-            elif v.HasField("completed"):
-                entry["state"] = f"{(v.completed.ToNanoseconds() - v.started.ToNanoseconds()) / 1e9:.1f}s"
-        for s in status.statuses:
-            entry = self.vertices.get(s.vertex)
-            if entry is not None and s.total and not entry["state"].endswith("s"):
-                entry["state"] = f"{s.current}/{s.total}"
+    def __call__(self, event: "ProgressEvent") -> None:
+        from . import progress as ev
+
+        if isinstance(event, (ev.StatusRow, ev.LogLine)):
+            entry = self.vertices.get(event.vertex)
+            if isinstance(event, ev.StatusRow) and entry is not None and event.total and not entry["final"]:
+                entry["state"] = f"{event.current}/{event.total}"
+        else:
+            entry = self.vertices.setdefault(event.digest, {"name": event.name, "state": "", "final": False})
+            if isinstance(event, ev.StepStarted):
+                entry.update(state="", final=False)
+            elif isinstance(event, ev.StepFailed):
+                entry.update(state="ERROR: " + event.error, final=True)
+            elif isinstance(event, ev.StepCached):
+                entry.update(state="CACHED", final=True)
+            elif isinstance(event, ev.StepDone):
+                entry.update(state=f"{event.seconds:.1f}s", final=True)
         self._draw()
 
     def _draw(self) -> None:
