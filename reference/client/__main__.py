@@ -17,7 +17,8 @@ import sys
 
 from ..dockerhost import connect, docker_host
 from ..errors import SessionError
-from .build import Output, build, progress_for
+from .build import BuildError, Output, build
+from .display import progress_for
 
 
 class _Signalled(BaseException):
@@ -170,16 +171,27 @@ def main(argv: list[str] | None = None) -> int:
             timeout=args.timeout,
             hang_timeout=args.hang_timeout,
         )
+    except BuildError as exc:
+        if progress is not None:
+            progress.finish(failed=True)
+        print(exc, file=sys.stderr)  # as the docker CLI: the daemon's message alone, after the excerpt
+        return 1
     except (SessionError, OSError, ValueError) as exc:
+        if progress is not None:
+            progress.finish()
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except (_Signalled, KeyboardInterrupt) as exc:
         signum = exc.signum if isinstance(exc, _Signalled) else signal.SIGINT
+        if progress is not None:
+            progress.finish()
         print(f"error: build cancelled by {signal.Signals(signum).name}", file=sys.stderr)
         return 128 + signum
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    if progress is not None:
+        progress.finish()
     if args.stats_json:
         with open(args.stats_json, "w") as fh:
             json.dump(result.stats_json(), fh, indent=2)

@@ -12,11 +12,10 @@ import json
 import os
 import queue
 import secrets as _secrets
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, TextIO
+from typing import TYPE_CHECKING, Callable, Iterable
 from urllib.parse import urlencode
 
 from ..dockerhost import EngineError, HttpConnection, connect, error_message
@@ -407,81 +406,3 @@ class _BuildResponse:
         except OSError:
             pass
         self.sock.close()
-
-
-class PlainProgress:
-    """``--progress plain``: one line per step event, like the docker CLI's plain mode."""
-
-    def __init__(self, out: TextIO = sys.stderr):
-        self.out = out
-        self.numbers: dict[str, int] = {}
-
-    def _n(self, digest: str) -> int:
-        return self.numbers.setdefault(digest, len(self.numbers) + 1)
-
-    def __call__(self, event: "ProgressEvent") -> None:
-        from . import progress as ev
-
-        if isinstance(event, ev.StepStarted):
-            self.out.write(f"#{self._n(event.digest)} {event.name}\n")
-        elif isinstance(event, ev.StepCached):
-            self.out.write(f"#{self._n(event.digest)} CACHED\n")
-        elif isinstance(event, ev.StepFailed):
-            self.out.write(f"#{self._n(event.digest)} ERROR: {event.error}\n")
-        elif isinstance(event, ev.StepDone):
-            self.out.write(f"#{self._n(event.digest)} DONE {event.seconds:.1f}s\n")
-        elif isinstance(event, ev.StatusRow):
-            if event.total:
-                self.out.write(f"#{self._n(event.vertex)} {event.id} {event.current}/{event.total}\n")
-        elif isinstance(event, ev.LogLine):
-            for line in event.data.decode("utf-8", "replace").splitlines():
-                self.out.write(f"#{self._n(event.vertex)} {line}\n")
-        self.out.flush()
-
-
-class LiveProgress:
-    """``--progress auto`` on a terminal: one line per step, redrawn in place."""
-
-    def __init__(self, out: TextIO = sys.stderr):
-        self.out = out
-        self.vertices: dict[str, dict] = {}
-        self.drawn = 0
-        self.t0 = time.monotonic()
-
-    def __call__(self, event: "ProgressEvent") -> None:
-        from . import progress as ev
-
-        if isinstance(event, (ev.StatusRow, ev.LogLine)):
-            entry = self.vertices.get(event.vertex)
-            if isinstance(event, ev.StatusRow) and entry is not None and event.total and not entry["final"]:
-                entry["state"] = f"{event.current}/{event.total}"
-        else:
-            entry = self.vertices.setdefault(event.digest, {"name": event.name, "state": "", "final": False})
-            if isinstance(event, ev.StepStarted):
-                entry.update(state="", final=False)
-            elif isinstance(event, ev.StepFailed):
-                entry.update(state="ERROR: " + event.error, final=True)
-            elif isinstance(event, ev.StepCached):
-                entry.update(state="CACHED", final=True)
-            elif isinstance(event, ev.StepDone):
-                entry.update(state=f"{event.seconds:.1f}s", final=True)
-        self._draw()
-
-    def _draw(self) -> None:
-        lines = [f"[+] Building {time.monotonic() - self.t0:.1f}s"]
-        for entry in self.vertices.values():
-            lines.append(f" => {entry['name'][:70]:<70} {entry['state'] or '...'}")
-        if self.drawn:
-            self.out.write(f"\x1b[{self.drawn}F")
-        self.out.write("".join(f"\x1b[2K{line}\n" for line in lines))
-        self.out.flush()
-        self.drawn = len(lines)
-
-
-def progress_for(mode: str, out: TextIO = sys.stderr):
-    """The progress callback for ``--progress auto|plain|quiet``, like ``docker build``."""
-    if mode == "quiet":
-        return None
-    if mode == "auto" and out.isatty() and os.environ.get("TERM") != "dumb":
-        return LiveProgress(out)
-    return PlainProgress(out)

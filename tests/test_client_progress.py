@@ -1,0 +1,79 @@
+"""``python -m reference.client build --progress plain`` prints what the docker CLI 20.10 prints for the same
+build on the same dockerd 20.10, once times, digests, ids and byte counts are normalised."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from reference.client import progress as ev
+from reference.client.display import PlainPrinter, StepTable, format_bytes, log_prefix
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def normalised_blocks(text: str) -> list[str]:
+    """The step blocks of a plain progress text, step numbers and variable values replaced, sorted by their
+    first line (the daemon may number concurrent steps in either order)."""
+    text = re.sub(r"sha256:[0-9a-f]{64}", "sha256:<digest>", text)
+    # How often a row shows before its last state depends on where the printer's 100 ms slots fall, in both
+    # programs: only a row's last line is compared.
+    text = re.sub(r"^(#\d+ transferring \w+:).*\n(?=\1)", "", text, flags=re.M)
+    text = re.sub(r"(transferring \w+:) \S+", r"\1 <bytes>", text)
+    text = re.sub(r"( \d+\.\d+s)? done$", " done", text, flags=re.M)  # a row's time shows only above 10 ms
+    text = re.sub(r" DONE \d+\.\d+s$", " DONE <t>", text, flags=re.M)
+    text = re.sub(r"^#\d+ \d+\.\d+ ", "# <t> ", text, flags=re.M)
+    text = re.sub(r"^#\d+ ", "# ", text, flags=re.M)
+    return sorted(block.strip("\n") for block in text.split("\n\n") if block.strip())
+
+
+def run_both(dockerd, context: str, *args: str) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
+    env = {**dockerd.env("docker-cli-20.10"), "DOCKER_BUILDKIT": "1"}
+    # Warm the daemon's cache first, so that both recorded builds find the same steps cached.
+    dockerd.cli("build", "--progress", "plain", *args, context, env=env)
+    theirs = dockerd.cli("build", "--progress", "plain", *args, context, env=env)
+    ours = subprocess.run([sys.executable, "-m", "reference.client", "build", "--progress", "plain", "--generation",
+                           "n", *args, context], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "DOCKER_HOST": dockerd.host, "PYTHONPATH": ROOT})
+    return theirs, ours
+
+
+def test_plain_progress_of_a_copy_build_matches_the_docker_cli(dockerd, tmp_path):
+    (tmp_path / "a.txt").write_text("hello\n" * 100)
+    (tmp_path / "Dockerfile").write_text("FROM scratch\nCOPY . /\n")
+    theirs, ours = run_both(dockerd, str(tmp_path), "-t", "progress-copy:1")
+    assert theirs.returncode == 0 and ours.returncode == 0, theirs.stderr + ours.stderr
+    assert normalised_blocks(ours.stderr) == normalised_blocks(theirs.stderr)
+    assert "writing image sha256:" in ours.stderr and "naming to docker.io/library/progress-copy:1" in ours.stderr
+
+
+def test_plain_progress_of_a_failing_step_matches_the_docker_cli(dockerd, shell_image, tmp_path):
+    (tmp_path / "Dockerfile").write_text(
+        f"FROM {shell_image}\nRUN echo hello && sleep 0.2 && echo world >&2 && sleep 0.2 && echo three && exit 3\n")
+    theirs, ours = run_both(dockerd, str(tmp_path), "--network=none")
+    assert theirs.returncode == 1 and ours.returncode == 1, theirs.stderr + ours.stderr
+    assert normalised_blocks(ours.stderr) == normalised_blocks(theirs.stderr)
+    assert re.search(r"^#\d+ 0\.\d{3} hello$", ours.stderr, re.M), ours.stderr
+    assert ours.stderr.rstrip().endswith("exit code: 3") and "------\n > [2/2] RUN" in ours.stderr
+
+
+def test_plain_printer_formats_rows_logs_and_leaving_a_running_step():
+    table, printer = StepTable(), PlainPrinter(StepTable())
+    printer.table = table
+    for event in (ev.StepStarted("sha256:a", "[1/2] RUN a", 10.0), ev.LogLine("sha256:a", 1, b"one\ntw", 10.5),
+                  ev.StepStarted("sha256:b", "[internal] load build context", 11.0)):
+        table.apply(event)
+    first = printer.flush()
+    assert first == "#1 [1/2] RUN a\n#1 sha256:a\n#1 0.500 one\n#1 0.500 tw"
+    table.apply(ev.StatusRow("sha256:b", "transferring context:", "", 1234, 0, 11.5, 11.0, 11.5))
+    table.apply(ev.StepDone("sha256:b", "[internal] load build context", 11.0, 11.5))
+    assert printer.flush() == ("\n#1 ...\n\n#2 [internal] load build context\n#2 sha256:b\n"
+                               "#2 transferring context: 1.23kB 0.5s done\n#2 DONE 0.5s\n"
+                               # the running step is shown again, its unfinished line from its start
+                               "\n#1 [1/2] RUN a\n#1 sha256:a\n#1 0.500 tw")
+    assert format_bytes(999) == "999B" and format_bytes(4_560_000) == "4.56MB"
+    assert log_prefix(1.23456) == "1.235" and log_prefix(12.345) == "12.35" and log_prefix(123.45) == "123.5"
