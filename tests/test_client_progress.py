@@ -77,3 +77,26 @@ def test_plain_printer_formats_rows_logs_and_leaving_a_running_step():
                                "\n#1 [1/2] RUN a\n#1 sha256:a\n#1 0.500 tw")
     assert format_bytes(999) == "999B" and format_bytes(4_560_000) == "4.56MB"
     assert log_prefix(1.23456) == "1.235" and log_prefix(12.345) == "12.35" and log_prefix(123.45) == "123.5"
+
+
+def test_every_build_option_has_help_text():
+    from reference.client.__main__ import build_parser
+
+    parser = build_parser()
+    build_command = parser._subparsers._group_actions[0].choices["build"]
+    for action in build_command._actions:
+        assert action.help and action.help.strip(), action.option_strings or action.dest
+    options = {opt for action in build_command._actions for opt in action.option_strings}
+    assert {"-t", "-f", "-o", "-q", "--secret", "--ssh", "--build-arg", "--progress"} <= options
+
+
+def test_quiet_prints_only_the_image_id_as_docker_build_q(dockerd, tmp_path):
+    (tmp_path / "Dockerfile").write_text("FROM scratch\nCOPY . /\n")
+    env = {**dockerd.env("docker-cli-20.10"), "DOCKER_BUILDKIT": "1"}
+    theirs = dockerd.cli("build", "-q", "-t", "progress-quiet:1", str(tmp_path), env=env)
+    ours = subprocess.run([sys.executable, "-m", "reference.client", "build", "-q", "-t", "progress-quiet:1",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "DOCKER_HOST": dockerd.host, "PYTHONPATH": ROOT})
+    assert theirs.returncode == 0 and ours.returncode == 0, theirs.stderr + ours.stderr
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}\n", theirs.stdout), theirs.stdout
+    assert ours.stdout == theirs.stdout and ours.stderr == theirs.stderr == ""

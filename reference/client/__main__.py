@@ -94,41 +94,61 @@ def _check_daemon(host: str) -> None:
                          f"{exc.strerror or exc}. Is the docker daemon running?") from None
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m reference.client")
     sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="build a context over a client session")
-    b.add_argument("context")
-    b.add_argument("-t", "--tag", action="append", default=[])
-    b.add_argument("-f", "--file", dest="dockerfile")
-    b.add_argument("-o", "--output", action="append", default=[])
-    b.add_argument("--secret", action="append", default=[])
+    b = sub.add_parser("build", help="build a context over a client session, as docker build does",
+                       description="Build CONTEXT on the daemon at DOCKER_HOST through a BuildKit client session. "
+                                   "Prints the image id on stdout when the build makes an image.")
+    b.add_argument("context", metavar="CONTEXT", help="the build context directory")
+    b.add_argument("-t", "--tag", action="append", default=[], metavar="NAME[:TAG]",
+                   help="name the image (repeatable)")
+    b.add_argument("-f", "--file", dest="dockerfile", metavar="PATH",
+                   help="the Dockerfile (default: CONTEXT/Dockerfile)")
+    b.add_argument("-o", "--output", action="append", default=[], metavar="type=local|tar,dest=PATH",
+                   help="export the result to a directory (type=local) or a tar file (type=tar, dest=- for "
+                        "stdout) instead of an image; a bare PATH is type=local")
+    b.add_argument("-q", "--quiet", action="store_true",
+                   help="print no progress, only the image id (as docker build -q)")
+    b.add_argument("--secret", action="append", default=[], metavar="id=ID,src=FILE",
+                   help="a secret file for RUN --mount=type=secret,id=ID (repeatable)")
     b.add_argument("--ssh", action="append", default=[], metavar="default|ID[=SOCKET|KEY[,KEY...]]",
                    help="an SSH agent (SSH_AUTH_SOCK, a socket, or key files) for RUN --mount=type=ssh; "
                         "only listing and signing with its keys are forwarded")
-    b.add_argument("--build-arg", action="append", default=[])
-    b.add_argument("--label", action="append", default=[])
-    b.add_argument("--target")
-    b.add_argument("--network")
-    b.add_argument("--no-cache", action="store_true")
-    b.add_argument("--pull", action="store_true")
-    b.add_argument("--progress", choices=["auto", "plain", "quiet"], default="auto")
+    b.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a build-time variable (repeatable)")
+    b.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                   help="a label on the image (repeatable)")
+    b.add_argument("--target", metavar="STAGE", help="build this stage of the Dockerfile")
+    b.add_argument("--network", metavar="MODE", help="network of RUN steps: default, none or host")
+    b.add_argument("--no-cache", action="store_true", help="do not use the daemon's build cache")
+    b.add_argument("--pull", action="store_true", help="always look for newer base images")
+    b.add_argument("--progress", choices=["auto", "plain", "quiet"], default="auto",
+                   help="auto: a live view on a terminal, else plain; plain: the docker CLI's text; "
+                        "quiet: none (default auto)")
     b.add_argument("--generation", choices=["n-1", "n", "n+1"], default="n+1",
                    help="n: as the docker CLI 20.10; n+1: as the docker CLI 26 with buildx 0.13; "
                         "n-1: the 2017 design (TarStream, Dockerfile in the request body)")
-    b.add_argument("--filesync", help="comma-separated: diffcopy,tarstream (default by generation)")
-    b.add_argument("--auth", choices=["v1", "v2"], help="default by generation: n-1=v1, n and n+1=v2")
-    b.add_argument("--transport", choices=["h2", "grpcio"], default="h2")
+    b.add_argument("--filesync", metavar="LIST", help="comma-separated: diffcopy,tarstream (default by generation)")
+    b.add_argument("--auth", choices=["v1", "v2"],
+                   help="registry auth protocol served: v1 credentials only, v2 also tokens; "
+                        "default by generation: n-1=v1, n and n+1=v2")
+    b.add_argument("--transport", choices=["h2", "grpcio"], default="h2",
+                   help="gRPC stack of the session: h2 (default) or grpcio")
     b.add_argument("--api", choices=["build", "grpc"], default=None,
                    help="build: POST /build, as the docker CLI 20.10; grpc: Control/Solve on POST /grpc (BuildKit's "
                         "Control API), as buildx; default by generation: n-1 and n build, n+1 grpc (build when "
                         "the daemon has no /grpc)")
-    b.add_argument("--stats-json", metavar="FILE")
-    b.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
-    b.add_argument("--hang-timeout", type=float, default=20.0,
+    b.add_argument("--stats-json", metavar="FILE", help="write the session's calls and stream statistics as JSON")
+    b.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="give up after this many seconds")
+    b.add_argument("--hang-timeout", type=float, default=20.0, metavar="SECONDS",
                    help="seconds to wait for the end of a build after the daemon reported a failed step "
                         "(dockerd 20.10 may never end it)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     try:
         outputs = [Output.parse(o) for o in args.output]
@@ -146,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     for output in outputs:
         _check_output(output)
     _check_daemon(docker_host())
-    progress = progress_for(args.progress, sys.stderr)
+    progress = progress_for("quiet" if args.quiet else args.progress, sys.stderr)
     previous = {signum: signal.signal(signum, _raise_signalled) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         result = build(
