@@ -100,3 +100,66 @@ def test_quiet_prints_only_the_image_id_as_docker_build_q(dockerd, tmp_path):
     assert theirs.returncode == 0 and ours.returncode == 0, theirs.stderr + ours.stderr
     assert re.fullmatch(r"sha256:[0-9a-f]{64}\n", theirs.stdout), theirs.stdout
     assert ours.stdout == theirs.stdout and ours.stderr == theirs.stderr == ""
+
+
+def run_in_pty(argv: list[str], env: dict, columns: int = 120, rows: int = 40) -> tuple[int, bytes]:
+    """Run ``argv`` with a terminal of ``columns`` x ``rows`` as its stdin/stdout/stderr: (status, output)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env={**env, "TERM": "xterm"})
+    os.close(slave)
+    output = b""
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not data:
+                    break
+                output += data
+            elif proc.poll() is not None:
+                break
+        return proc.wait(timeout=120), output
+    finally:
+        os.close(master)
+
+
+def final_screen(output: bytes, columns: int = 120, rows: int = 40) -> list[str]:
+    pyte = pytest.importorskip("pyte", reason="pyte (a dev dependency) models the terminal")
+    screen = pyte.Screen(columns, rows)
+    pyte.ByteStream(screen).feed(output)
+    lines = [line.rstrip() for line in screen.display if line.strip()]
+    lines = [re.sub(r"\d+\.\d+s", "<t>", line) for line in lines]
+    lines = [re.sub(r"^#\d+ \d+\.\d+ ", "# <t> ", line) for line in lines]
+    lines = [re.sub(r"(transferring \w+:) \S+", r"\1 <bytes>", line) for line in lines]
+    return [re.sub(r" {2,}", "  ", line) for line in lines]  # the padding to the timer column varies with sizes
+
+
+def test_tty_progress_ends_on_the_screen_the_docker_cli_leaves(dockerd, shell_image, tmp_path):
+    (tmp_path / "Dockerfile").write_text(
+        f"FROM {shell_image}\nRUN echo hello && sleep 1 && echo world && sleep 0.5 && exit 3\n")
+    env = {**dockerd.env("docker-cli-20.10"), "DOCKER_BUILDKIT": "1"}
+    from conformance import peers
+
+    cli = [peers.binary("docker-cli-20.10"), "build", "--network=none", str(tmp_path)]
+    run_in_pty(cli, env)  # warm the cache: both recorded builds find the same steps cached
+    their_status, theirs = run_in_pty(cli, env)
+    our_status, ours = run_in_pty([sys.executable, "-m", "reference.client", "build", "--network=none",
+                                   str(tmp_path)], {**os.environ, "DOCKER_HOST": dockerd.host, "PYTHONPATH": ROOT})
+    assert their_status == our_status == 1
+    their_screen, our_screen = final_screen(theirs), final_screen(ours)
+    assert our_screen == their_screen
+    assert their_screen[0] == "[+] Building <t> (5/5) FINISHED", their_screen
+    assert "# <t> world" in their_screen and len(our_screen) > 8, their_screen
+    # Redrawn in place: far less than a copy of the screen per 150 ms tick, and no more than the CLI writes.
+    screen_bytes = sum(len(line) for line in their_screen)
+    assert screen_bytes < len(ours) <= len(theirs), (len(ours), len(theirs))

@@ -63,7 +63,7 @@ class Step:
         self.lines: list[str] = []  # log lines not printed yet
         self.partial = False  # the last line of lines is not ended yet
         self.offset = 0  # characters of the first line already printed
-        self.history: list[str] = []  # every log line, for the failure excerpt
+        self.history: list[str] = []  # every log line (as printed), for the failure excerpt and the live view
         self.updated = False
 
     @property
@@ -102,12 +102,13 @@ class StepTable:
             if ended:
                 pieces.pop()
             for i, piece in enumerate(pieces):
-                if i == 0 and step.partial and step.lines:
-                    step.lines[-1] += piece
+                if i == 0 and step.partial and step.history:
+                    if step.lines:
+                        step.lines[-1] += piece
                     step.history[-1] += piece
                 else:
                     step.lines.append(f"#{step.index} {log_prefix(max(since, 0.0))} {piece}")
-                    step.history.append(piece)
+                    step.history.append(step.lines[-1])
             if pieces:
                 step.partial = not ended
         else:
@@ -227,7 +228,7 @@ class PlainPrinter:
                 out.append("------\n")
                 out.append(f" > {step.name}:\n")
                 if with_logs:
-                    out.extend(f"#{step.index} {line}\n" for line in step.history[-10:])
+                    out.extend(f"{line}\n" for line in step.history[-10:])
                 out.append("------\n")
         return "".join(out)
 
@@ -278,43 +279,108 @@ class PlainProgress:
 
 
 class LiveProgress:
-    """``--progress auto`` on a terminal: one line per step, redrawn in place."""
+    """``--progress auto`` on a terminal, as the docker CLI's: a ``[+] Building 1.2s (N/N)`` header and a line
+    per step with its running timer, redrawn every 150 ms; only the lines that changed are rewritten."""
 
-    def __init__(self, out: TextIO = sys.stderr):
+    TICK = 0.15
+    LOG_LINES = 6  # last log lines shown under a running step
+    BLUE, RED, DIM, RESET = "\x1b[34m", "\x1b[31m", "\x1b[2m", "\x1b[0m"
+
+    def __init__(self, out: TextIO = sys.stderr, width: int | None = None):
         self.out = out
-        self.vertices: dict[str, dict] = {}
-        self.drawn = 0
+        if width is None:
+            try:
+                width = os.get_terminal_size(out.fileno()).columns
+            except (OSError, ValueError, AttributeError):
+                width = 80
+        self.width = max(width, 40)
+        self.table = StepTable()
+        self.printer = PlainPrinter(self.table)  # for the failure excerpt
         self.t0 = time.monotonic()
+        self.clock_offset: float | None = None  # local minus daemon clock, from the first start seen
+        self.shown: list[str] = []
+        self.finished = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, name="progress-tty", daemon=True)
+        self._ticker.start()
 
     def __call__(self, event: ev.ProgressEvent) -> None:
-        if isinstance(event, (ev.StatusRow, ev.LogLine)):
-            entry = self.vertices.get(event.vertex)
-            if isinstance(event, ev.StatusRow) and entry is not None and event.total and not entry["final"]:
-                entry["state"] = f"{event.current}/{event.total}"
-        else:
-            entry = self.vertices.setdefault(event.digest, {"name": event.name, "state": "", "final": False})
-            if isinstance(event, ev.StepStarted):
-                entry.update(state="", final=False)
-            elif isinstance(event, ev.StepFailed):
-                entry.update(state="ERROR: " + event.error, final=True)
-            elif isinstance(event, ev.StepCached):
-                entry.update(state="CACHED", final=True)
-            elif isinstance(event, ev.StepDone):
-                entry.update(state=f"{event.seconds:.1f}s", final=True)
-        self._draw()
+        with self._lock:
+            if isinstance(event, ev.StepStarted) and self.clock_offset is None:
+                self.clock_offset = time.time() - event.started
+            self.table.apply(event)
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.TICK):
+            with self._lock:
+                self._draw()
+
+    def _line(self, text: str, seconds: float | None, color: str = "") -> str:
+        timer = f"{seconds:.1f}s" if seconds is not None else ""
+        room = self.width - 1 - len(timer) - 1
+        if len(text) > room:
+            text = text[:room]
+        line = text.ljust(self.width - 1 - len(timer)) + timer
+        return f"{color}{line}{self.RESET}" if color else line
+
+    def _frame(self) -> list[str]:
+        now = time.time() - (self.clock_offset or 0.0)
+        steps = list(self.table.steps.values())
+        done = sum(1 for s in steps if s.finished)
+        header = f"[+] Building {time.monotonic() - self.t0:.1f}s ({done}/{len(steps)})"
+        if self.finished:
+            header += " FINISHED"
+        lines = [header.ljust(self.width - 1)]
+        for step in steps:
+            if step.started is None and not step.finished:
+                continue
+            end = step.completed if step.finished else now
+            seconds = max(end - step.started, 0.0) if step.started is not None and end is not None else None
+            label = "ERROR " if step.error else "CACHED " if step.cached else ""
+            color = self.RED if step.error else self.BLUE if step.finished else ""
+            lines.append(self._line(f" => {label}{step.name}", seconds, color))
+            for row in step.rows.values():
+                r = row.event
+                size = (f" {format_bytes(r.current)} / {format_bytes(r.total)}" if r.total
+                        else f" {format_bytes(r.current)}" if r.current else "")
+                row_end = r.completed if r.completed is not None else (now if not step.finished else r.timestamp)
+                took = max(row_end - r.started, 0.0) if r.started is not None and row_end is not None else None
+                lines.append(self._line(f" => => {r.id}{size}", took, color))
+            if not step.finished:
+                for log in step.history[-self.LOG_LINES:]:
+                    text = log.split(" ", 2)[2] if log.count(" ") >= 2 else ""
+                    lines.append(self._line(f" => => # {text}", None, self.DIM))
+        return lines
 
     def _draw(self) -> None:
-        lines = [f"[+] Building {time.monotonic() - self.t0:.1f}s"]
-        for entry in self.vertices.values():
-            lines.append(f" => {entry['name'][:70]:<70} {entry['state'] or '...'}")
-        if self.drawn:
-            self.out.write(f"\x1b[{self.drawn}F")
-        self.out.write("".join(f"\x1b[2K{line}\n" for line in lines))
-        self.out.flush()
-        self.drawn = len(lines)
+        frame = self._frame()
+        rows = max(len(frame), len(self.shown))
+        frame += [""] * (rows - len(frame))
+        out = []
+        below = len(self.shown)  # the cursor sits on the row after the frame shown
+        for i, line in enumerate(frame):
+            if i < len(self.shown):
+                if line == self.shown[i]:
+                    continue
+                up = below - i
+                out.append(f"\x1b[{up}A\r{line}\x1b[K\x1b[{up}B\r")
+            else:
+                out.append(f"{line}\n")
+        self.shown = frame
+        if out:
+            self.out.write("".join(out))
+            self.out.flush()
 
     def finish(self, failed: bool = False) -> None:
-        pass
+        self._stop.set()
+        self._ticker.join(1.0)
+        with self._lock:
+            self.finished = True
+            self._draw()
+            if failed:
+                self.out.write(self.printer.failure_excerpt(with_logs=True))
+                self.out.flush()
 
 
 def progress_for(mode: str, out: TextIO = sys.stderr):
