@@ -86,15 +86,17 @@ def peer_daemon_spec(name: str, generation: str = "auto") -> DaemonSpec:
 # the generation's windows). The defaults of reference/daemon are the real daemons' (reference/daemon/config.py);
 # real peers always keep their own.
 #   n-1, n (dockerd 20.10: checks every 1 s, 10 s deadline, an unknown session fails after 5 s):
-#     checks every 0.5 s, 5 s deadline, an unknown session fails after 1 s.
+#     checks every 0.25 s, 5 s deadline, an unknown session fails after 0.5 s.
 #   n+1 (dockerd 26.1: checks every 5 s, 30 s deadline, 5 + 5 s session wait):
-#     checks every 0.5 s, 3 s deadline, 0.5 + 0.5 s session wait.
-EMBEDDED_N_TIMERS = ("--health-interval", "0.5", "--health-timeout", "5", "--session-wait", "1")
-EMBEDDED_N_PLUS_1_TIMERS = ("--health-interval", "0.5", "--health-timeout", "3",
-                            "--session-wait", "0.5", "--session-group-wait", "0.5")
+#     checks every 0.25 s, 3 s deadline, 0.25 + 0.25 s session wait.
+# The cases wait on the interval and the session waits, never on a deadline: the deadlines stay long enough
+# for a client that is slow to answer on a loaded machine (-n auto beside real daemons).
+EMBEDDED_N_TIMERS = ("--health-interval", "0.25", "--health-timeout", "5", "--session-wait", "0.5")
+EMBEDDED_N_PLUS_1_TIMERS = ("--health-interval", "0.25", "--health-timeout", "3",
+                            "--session-wait", "0.25", "--session-group-wait", "0.25")
 # The embedded clients' grace after a failed step whose build never ends (the reference client's default,
 # 20 s, is what a user waits; TIMEOUT-5 only asks for an end within its bound).
-EMBEDDED_CLIENT_HANG_TIMEOUT = 1.0
+EMBEDDED_CLIENT_HANG_TIMEOUT = 0.5
 
 
 # One embedded pair per generation; generation n runs on the grpcio transport, so that the independent

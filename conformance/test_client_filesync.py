@@ -207,7 +207,7 @@ def test_listing_encodes_every_entry_type_like_go(client):
 @requirement("DIFFCOPY-REQ-3", "DIFFCOPY-DATA-1")
 def test_requests_before_the_end_of_the_listing(client):
     _n_plus_1(client)
-    files = {f"d{i // 100:02d}/f{i:04d}": f"content {i}\n" * (1 + i % 7) for i in range(1500)}
+    files = {f"d{i // 100:02d}/f{i:04d}": f"content {i}\n" * (1 + i % 7) for i in range(800)}
     ctx = make_context(files)
     seen = {}
 

@@ -349,7 +349,7 @@ def test_health_and_parallel_transfers_while_a_large_transfer_is_blocked(client,
         first = recv_packet(stream, 20, transcript)
         seen["first"] = first
         # Stop reading: the client's sender now blocks on flow control.
-        time.sleep(0.5)
+        time.sleep(0.25)
         timed_health(session, "while blocked")
         threads = []
         for name, kw in (("dockerfile", {"followpaths": ["Dockerfile"]}),
@@ -394,7 +394,7 @@ def test_health_and_parallel_transfers_while_a_large_transfer_is_blocked(client,
         stream = session.conn.open_stream(TARSTREAM, [])
         stream.close_send()
         stream.recv(timeout=20)
-        time.sleep(0.5)
+        time.sleep(0.25)
         timed_health(session, "while blocked")
         checker = threading.Thread(target=timed_health, args=(session, "while streaming"))
         checker.start()
