@@ -130,6 +130,13 @@ def test_save_writes_a_docker_archive(cli, image, peer, tmp_path):
     proc = cli(peer, "save", "-o", str(out), "refimg:1")
     assert proc.returncode == 0, proc.stderr
     _check_archive(str(out), image, ["refimg:1"])
+    by_id = tmp_path / "by-id.tar"  # named by id: no tag recorded, as dockerd
+    proc = cli(peer, "save", "-o", str(by_id), image[len("sha256:"):][:12])
+    assert proc.returncode == 0, proc.stderr
+    with tarfile.open(by_id) as tar:
+        [entry] = json.load(tar.extractfile("manifest.json"))
+        assert entry["RepoTags"] is None and entry["Config"] == image[len("sha256:"):] + ".json"
+        assert "repositories" not in tar.getnames()
     proc = cli(peer, "save", "-o", str(tmp_path / "y.tar"), "refimg:1", "nope:2")
     assert proc.returncode != 0 and "No such image: nope:2" in proc.stderr, proc.stderr
 
