@@ -153,6 +153,7 @@ def run_solve(conn: ClientConnection, request: pb.SolveRequest, *,
                 continue
             except RpcError as exc:
                 finished = True
+                status.done.wait(STATUS_DRAIN)  # the failed step's error and output may still be on their way
                 raise error_type(exc.details or exc.code.name) from None
             if data is None:
                 finished = True
