@@ -57,7 +57,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="on: a failure SPEC.md lists as a known deviation of the identified implementation is "
                          "an expected failure; off: it is a FAIL like any other")
     group.addoption("--report-dir", default=os.environ.get("SESSION_REPORT_DIR"),
-                    help="write junit.xml, results.json and summary.md here")
+                    help="write junit.xml, results.json and summary.md here (a run without conformance cases "
+                         "writes nothing)")
     group.addoption("--allow-destructive", action="store_true",
                     default=os.environ.get("SESSION_ALLOW_DESTRUCTIVE", "") not in ("", "0", "false"),
                     help="run cases that can corrupt or crash a non-conforming daemon (use a disposable one)")
@@ -69,18 +70,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     choices=["fast", "thorough"])
 
 
+# Every marker of conformance/ and tests/ (pytest-timeout registers its own): registered here, so an installed
+# suite, or a project that merely has the plugin installed, gets no PytestUnknownMarkWarning.
+MARKERS = (
+    "requirement(*ids): the requirement IDs (conformance/SPEC.md) a test checks",
+    "destructive: may corrupt or crash a non-conforming daemon",
+    "slow: a long case (the thorough profile or a real peer's timers)",
+    "real_peer: needs a real peer (python -m conformance.peers list), started by the test",
+)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "requirement(*ids): the requirement IDs (conformance/SPEC.md) a test checks")
-    config.addinivalue_line("markers", "destructive: may corrupt or crash a non-conforming daemon")
-    config.addinivalue_line("markers", "slow: a long case (the thorough profile or a real peer's timers)")
+    for marker in MARKERS:
+        config.addinivalue_line("markers", marker)
     config.stash[_RESULTS_KEY] = []
     _CONFIG[0] = config
-    report_dir = config.getoption("report_dir")
-    if report_dir:
-        os.makedirs(report_dir, exist_ok=True)
-        if not getattr(config.option, "xmlpath", None):
-            config.option.xmlpath = os.path.join(report_dir, "junit.xml")
+    # Nothing is written yet: --report-dir takes effect only in a run with conformance cases (see _is_case).
     try:
         from hypothesis import settings
     except ImportError:  # installed without the [suite] extra: the property cases cannot run anyway
@@ -113,8 +119,18 @@ def client_specs(config: pytest.Config, *, pair: bool) -> list[ClientSpec | None
     return embedded_client_specs()
 
 
+def _owns_fixture(fixtureinfo, name: str) -> bool:
+    """Whether a test's fixture `name` is this plugin's (a project may have a `client` fixture of its own, which
+    the plugin must leave alone)."""
+    definitions = getattr(fixtureinfo, "name2fixturedefs", {}).get(name) or ()
+    return bool(definitions) and getattr(definitions[-1].func, "__module__", None) == __name__
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    names = metafunc.fixturenames
+    fixtureinfo = metafunc.definition._fixtureinfo
+    names = [name for name in ("daemon", "client") if _owns_fixture(fixtureinfo, name)]
+    if not names:
+        return
     config = metafunc.config
     pair = "daemon" in names and "client" in names
     if "daemon" in names:
@@ -211,7 +227,10 @@ def _is_external(spec: DaemonSpec | None) -> bool:
 def pytest_sessionstart(session: pytest.Session) -> None:
     # before xdist starts its workers (its own hook runs last): an external daemon's state before the run
     config = session.config
-    if hasattr(config, "workerinput") or not config.getoption("daemon_under_test"):
+    if hasattr(config, "workerinput"):
+        return
+    _start_junit(config)
+    if not config.getoption("daemon_under_test"):
         return
     for spec in daemon_specs(config):
         if _is_external(spec):
@@ -302,6 +321,21 @@ def _wanted_requirements(config: pytest.Config) -> set[str] | None:
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_CASE_KEY = pytest.StashKey[bool]()
+
+
+def _is_case(item: pytest.Item) -> bool:
+    """Whether the plugin grades and reports this test: a test of the suite's own modules, one that names
+    requirements, or one that takes the daemon or client under test. Any other test (an unrelated project's, in
+    an environment where the plugin is installed) is left alone."""
+    case = item.stash.get(_CASE_KEY, None)
+    if case is None:
+        fixtureinfo = getattr(item, "_fixtureinfo", None)
+        case = item.stash[_CASE_KEY] = (
+            str(item.path).startswith(_PACKAGE_DIR + os.sep)
+            or item.get_closest_marker("requirement") is not None
+            or any(_owns_fixture(fixtureinfo, name) for name in ("daemon", "client")))
+    return case
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -353,7 +387,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         elif isinstance(excinfo.value, outcomes.Unsupported):
             report.outcome = "skipped"
             report.longrepr = (str(item.path), item.location[1] or 0, f"UNSUPPORTED: {excinfo.value}")
-    if report.when == "call" or (report.when == "setup" and not report.passed):
+    if _is_case(item) and (report.when == "call" or (report.when == "setup" and not report.passed)):
         grade = outcomes.NON_STRICT if getattr(report, "non_strict", None) else outcomes.classify(report, excinfo)
         reqs = [r for m in item.iter_markers("requirement") for r in m.args]
         exc = excinfo.value if excinfo is not None else None
@@ -428,9 +462,39 @@ def rerun_command(item: pytest.Item, seed: str | None = None) -> str:
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    config = _CONFIG[0]
     for name, value in report.user_properties:
         if name == _RECORD_PROPERTY:
-            _CONFIG[0].stash[_RESULTS_KEY].append(json.loads(value))
+            config.stash[_RESULTS_KEY].append(json.loads(value))
+    junit = config.stash.get(_JUNIT_KEY, None)
+    if junit is not None:
+        junit.pytest_runtest_logreport(report)
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    junit = _CONFIG[0].stash.get(_JUNIT_KEY, None)
+    if junit is not None:
+        junit.pytest_collectreport(report)
+
+
+_JUNIT_KEY = pytest.StashKey[object]()
+
+
+def _start_junit(config: pytest.Config) -> None:
+    """pytest's own junit writer for --report-dir, set up as `--junitxml DIR/junit.xml` would but not registered:
+    the plugin feeds it every report and has it write only at the end of a run with conformance cases, so a run
+    that has none (an unrelated project's, with SESSION_REPORT_DIR set) writes nothing."""
+    report_dir = config.getoption("report_dir")
+    if not report_dir or getattr(config.option, "xmlpath", None):
+        return  # no report directory, or the user's own --junitxml, which pytest writes as always
+    from _pytest.junitxml import LogXML
+
+    junit = LogXML(os.path.join(report_dir, "junit.xml"), config.option.junitprefix,
+                   config.getini("junit_suite_name"), config.getini("junit_logging"),
+                   config.getini("junit_duration_report"), config.getini("junit_family"),
+                   config.getini("junit_log_passing_tests"))
+    junit.pytest_sessionstart()
+    config.stash[_JUNIT_KEY] = junit
 
 
 _CONFIG: list = [None]
@@ -462,10 +526,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         _clean_daemon(config, spec)  # every worker has finished
     results = config.stash.get(_RESULTS_KEY, [])
     report_dir = config.getoption("report_dir")
-    if report_dir and results:
+    if report_dir and results:  # a run without conformance cases writes no report
         from .report import write_reports
 
+        os.makedirs(report_dir, exist_ok=True)
         write_reports(report_dir, results, config)
+        junit = config.stash.get(_JUNIT_KEY, None)
+        if junit is not None:
+            junit.pytest_sessionfinish()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
