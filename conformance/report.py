@@ -68,8 +68,10 @@ def summarise(results: list[dict]) -> dict:
             "implementations": implementations}
 
 
-def write_reports(report_dir: str, results: list[dict], config) -> None:
+def write_reports(report_dir: str, results: list[dict], config, preflight: list[str] = ()) -> None:
+    """``preflight``: what the pre-flight (conformance/preflight.py) kept from running, one line each."""
     summary = summarise(results)
+    summary["preflight"] = list(preflight)
     options = {k: config.getoption(k) for k in ("daemon_under_test", "client_under_test", "daemon_generation",
                                                "client_generation", "known_deviations", "allow_destructive",
                                                "conformance_profile")}
@@ -88,6 +90,8 @@ def render_markdown(summary: dict, results: list[dict], options: dict) -> str:
             for role in ("daemon", "client"):
                 if role in entry:
                     out.append(f"- `{target}`: {role} **{entry[role]}** (identified by: {entry.get(role + ' identified by') or '?'})")
+    if summary.get("preflight"):
+        out += ["", "## Pre-flight", ""] + [f"- {line}" for line in summary["preflight"]]
     out += ["", "## Per target", "", "| target | PASS | FAIL | NON-STRICT | UNSUPPORTED | XFAIL | ERROR | skipped |",
             "|---|---|---|---|---|---|---|---|"]
     for target, counts in sorted(summary["targets"].items()):
