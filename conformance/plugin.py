@@ -481,14 +481,18 @@ _RERUN_OPTIONS = (("daemon_under_test", "--daemon-under-test", None), ("client_u
 
 
 def rerun_command(item: pytest.Item, seed: str | None = None) -> str:
-    """A command that reruns exactly this case, pasted in a clone or wherever the suite is installed
-    (``--pyargs`` finds the module either way)."""
+    """A command that reruns exactly this case: a case of the suite pasted anywhere, in a clone or wherever
+    the suite is installed (``--pyargs`` finds the module either way); another test at the root of its clone."""
     import shlex
 
     module = getattr(getattr(item, "module", None), "__name__", None)
     case = item.nodeid.split("::", 1)[1] if "::" in item.nodeid else item.name
-    selector = f"{module}::{case}" if module else item.nodeid
-    argv = ["python", "-m", "pytest", "--pyargs", selector, "-p", "no:cacheprovider"]
+    if module and str(item.path).startswith(_PACKAGE_DIR + os.sep):
+        # a case of the suite: --pyargs finds the package installed or in a clone, from any directory
+        argv = ["python", "-m", "pytest", "--pyargs", f"{module}::{case}", "-p", "no:cacheprovider"]
+    else:
+        # a test of a clone (tests/...) is no importable module: its node id, pasted at the clone's root
+        argv = ["python", "-m", "pytest", item.nodeid, "-p", "no:cacheprovider"]
     config = item.config
     for name, flag, default in _RERUN_OPTIONS:
         value = config.getoption(name)
