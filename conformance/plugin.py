@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 
@@ -33,6 +34,7 @@ from .targets import (
 )
 
 _RESULTS_KEY = pytest.StashKey[list]()
+_STARTED_KEY = pytest.StashKey[tuple]()  # (wall clock, monotonic) when the run started
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -77,6 +79,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "preflight: a pre-flight case of conformance/preflight.py (runs first, is "
                                        "not overruled by the pre-flight)")
     config.stash[_RESULTS_KEY] = []
+    config.stash[_STARTED_KEY] = (time.time(), time.monotonic())
     _CONFIG[0] = config
     report_dir = config.getoption("report_dir")
     if report_dir:
@@ -459,6 +462,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
             "seed": getattr(exc, "seed", None),
             "rerun": rerun_command(item, getattr(exc, "seed", None)),
             "preflight": getattr(report, "preflight", None),  # why the pre-flight's verdict stands for this case
+            # an XFAIL's known deviation: SPEC.md's text of it, with its evidence
+            "known_deviation": getattr(report, "wasxfail", None) if grade == outcomes.XFAIL else None,
         }
         if grade in (outcomes.FAIL, outcomes.ERROR, outcomes.NON_STRICT, outcomes.XFAIL):
             report.sections.append(("rerun this case", record["rerun"]))
@@ -544,7 +549,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if report_dir and results:
         from .report import write_reports
 
-        write_reports(report_dir, results, config, _preflight_lines(config))
+        started, clock = config.stash.get(_STARTED_KEY, (time.time(), time.monotonic()))
+        write_reports(report_dir, results, config, _preflight_lines(config),
+                      run={"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                           "seconds": round(time.monotonic() - clock, 1)})
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
