@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from . import cleanup, outcomes, preflight
+from . import catalogue, cleanup, outcomes, preflight
 from .identify import families_of
 from . import scratch
 from .targets import (
@@ -439,6 +439,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         # checks are kept but grade nothing.
         verdicts = outcomes.case_verdicts(reqs, grade, getattr(exc, "req_id", None), checks,
                                           not_applicable) if reqs else {}
+        profiles = outcomes.declared_profiles()
+        if outcomes.BODY_UPLOAD in profiles and verdicts:
+            verdicts, grade, outside = outcomes.grade_by_profile(
+                verdicts, grade, getattr(exc, "req_id", None),
+                lambda req_id: catalogue.in_profile(outcomes.BODY_UPLOAD, req_id),
+                missing_service=grade == outcomes.ERROR and "UNIMPLEMENTED" in str(exc))
+            why = (f"not in the body-upload profile (conformance/SPEC.md): the client sent its context as the "
+                   f"/build body ({profiles[outcomes.BODY_UPLOAD]})")
+            not_applicable = {**not_applicable, **{r: why for r in outside}}
+            if grade == outcomes.UNSUPPORTED and report.outcome != "skipped":
+                report.outcome = "skipped"
+                report.longrepr = (str(item.path), item.location[1] or 0, f"UNSUPPORTED: {why}")
+            elif grade == outcomes.PASS and report.outcome != "passed":
+                report.outcome, report.longrepr = "passed", None
         record = {
             "nodeid": item.nodeid,
             "name": item.name,

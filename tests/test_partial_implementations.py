@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -113,3 +115,49 @@ def test_a_generation_n_daemon_graded_as_n_plus_1_gets_one_generation_verdict(tm
     assert {r for t in overruled for r, v in t["verdicts"].items()} >= {"META-ENCODE-1", "FILESEND-LOCAL-5"}
     assert all(set(t["verdicts"].values()) == {"NOT REACHED"} and "pre-flight" in t["preflight"]
                for t in overruled), overruled
+
+
+PARTIAL_CLIENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "partial_clients.py")
+
+
+def _body_upload_client(*options: str) -> str:
+    return " ".join([shlex.quote(sys.executable), shlex.quote(PARTIAL_CLIENTS), "body-upload", *options, "{context}"])
+
+
+def _verdicts(tests: list[dict]) -> dict[str, set[str]]:
+    seen: dict[str, set[str]] = {}
+    for test in tests:
+        for req_id, verdict in test["verdicts"].items():
+            seen.setdefault(req_id, set()).add(verdict)
+    return seen
+
+
+def test_a_body_upload_client_that_serves_only_auth_is_graded_by_its_profile(tmp_path):
+    from conformance.catalogue import in_profile
+
+    tests = _suite(tmp_path, "--pyargs", "conformance.test_client_session", "conformance.test_client_handshake",
+                   "conformance.test_client_filesync", "--client-under-test", _body_upload_client())
+    verdicts = _verdicts(tests)
+    # the cause: no Health service, under its own ID, not as a handshake failure
+    assert "FAIL" in verdicts["HEALTH-1"], verdicts.get("HEALTH-1")
+    health = next(t for t in tests if t["verdicts"].get("HEALTH-1") == "FAIL")
+    assert "UNIMPLEMENTED" in health["actual"], health["actual"]
+    assert "FAIL" not in verdicts.get("HANDSHAKE-5", set()), verdicts.get("HANDSHAKE-5")
+    # the tar body is a legitimate build: BUILD-1 is not its rule, BUILD-8 is
+    assert verdicts["BUILD-1"] <= {"UNSUPPORTED", "NOT APPLICABLE"}, verdicts["BUILD-1"]
+    # what the profile leaves out is UNSUPPORTED: never a FAIL, never a false PASS
+    outside = {r: v for r, v in verdicts.items() if not in_profile("body-upload", r)}
+    assert {r for r in outside if r.startswith(("DIFFCOPY-", "STAT-"))}, sorted(outside)
+    graded = {"PASS", "FAIL", "NON-STRICT", "ERROR", "XFAIL"}
+    assert "UNSUPPORTED" in set().union(*outside.values())
+    assert not {r: v & graded for r, v in outside.items() if v & graded}
+    assert not any(t["outcome"] == "ERROR" for t in tests), [(t["name"], t["message"][:300]) for t in tests
+                                                            if t["outcome"] == "ERROR"]
+
+
+def test_a_client_that_returns_the_same_credentials_for_every_host_fails_the_per_host_rule(tmp_path):
+    tests = _suite(tmp_path, "--pyargs", "conformance.test_client_services", "-k", "registry_auth",
+                   "--client-under-test", _body_upload_client("--same-credentials"))
+    auth = next(t for t in tests if t["name"].startswith("test_registry_auth"))
+    assert auth["verdicts"]["AUTH-V1-1"] == "FAIL", auth["verdicts"]
+    assert "everyone" in auth["actual"], auth["actual"]
