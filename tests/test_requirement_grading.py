@@ -35,6 +35,29 @@ def test_without_a_requirement_to_blame_every_requirement_takes_the_case_outcome
     assert case_verdicts([A, B], grade, None, {A: {"passed": 1, "failed": 0}}) == {A: grade, B: grade}
 
 
+# -- the body-upload profile: its rules graded, the others UNSUPPORTED ---------------------------------------
+
+def test_a_profile_grades_its_own_rules_and_makes_the_others_unsupported():
+    from conformance.catalogue import in_profile
+    from conformance.outcomes import grade_by_profile
+
+    inside = lambda req_id: in_profile("body-upload", req_id)  # noqa: E731
+    assert inside("HEALTH-1") and inside("AUTH-V1-1") and inside("BUILD-8") and not inside("BUILD-1")
+    assert not inside("DIFFCOPY-DATA-1") and not inside("STAT-MODE-1")
+    # the case failed at a profile rule: it keeps its FAIL, the rules outside are UNSUPPORTED
+    assert grade_by_profile({"HEALTH-1": FAIL, "DIFFCOPY-DATA-1": NOT_REACHED}, FAIL, "HEALTH-1", inside) == (
+        {"HEALTH-1": FAIL, "DIFFCOPY-DATA-1": UNSUPPORTED}, FAIL, {"DIFFCOPY-DATA-1"})
+    # a PASS of rules outside the profile is no PASS
+    assert grade_by_profile({"DIFFCOPY-DATA-1": PASS}, PASS, None, inside) == (
+        {"DIFFCOPY-DATA-1": UNSUPPORTED}, UNSUPPORTED, {"DIFFCOPY-DATA-1"})
+    # a plain assert (no rule to blame): the profile's rules were not reached, the case is UNSUPPORTED
+    assert grade_by_profile({"HEALTH-1": FAIL, "STAT-MODE-1": FAIL}, FAIL, None, inside) == (
+        {"HEALTH-1": NOT_REACHED, "STAT-MODE-1": UNSUPPORTED}, UNSUPPORTED, {"STAT-MODE-1"})
+    # a harness ERROR stays an ERROR, unless a call the client does not implement broke the scenario
+    assert grade_by_profile({"HEALTH-1": ERROR}, ERROR, None, inside)[1] == ERROR
+    assert grade_by_profile({"HEALTH-1": ERROR}, ERROR, None, inside, missing_service=True)[1] == UNSUPPORTED
+
+
 def test_a_check_of_an_unnamed_requirement_is_graded_too():
     assert case_verdicts([A], PASS, None, {UNNAMED: {"passed": 1, "failed": 0}}) == {A: PASS, UNNAMED: PASS}
     assert case_verdicts([A], FAIL, UNNAMED, {UNNAMED: {"passed": 0, "failed": 1}}) == {A: NOT_REACHED,
