@@ -611,7 +611,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
             _, _, why = record["preflight"].partition(" not graded: ")
             overruled.setdefault((_target_of(record), why), set()).update(record["verdicts"])
     for (target, why), req_ids in sorted(overruled.items()):
-        write(f"not reached: {len(req_ids)} requirements on {target}, their cases failed a rule the pre-flight "
+        write(f"not reached: {len(req_ids)} requirement{'s' if len(req_ids) != 1 else ''} on {target}, their "
+              f"cases failed a rule the pre-flight "
               f"already graded: {', '.join(sorted(req_ids))}; {why}")
         not_reached[target] = [r for r in not_reached.get(target, []) if r not in req_ids]
     for target, req_ids in sorted(not_reached.items()):
