@@ -112,7 +112,8 @@ def probe_generation(host: str, claimed: str) -> GenerationCheck:
         shutil.rmtree(ctx, ignore_errors=True)
     mains = [c for c in router.calls if c.main_context]
     if not router.calls:
-        return GenerationCheck(claimed, None, [f"the daemon never called FileSync/DiffCopy ({obs.describe()})"])
+        return GenerationCheck(claimed, None, [f"the daemon never called FileSync/DiffCopy: generation n-1, which "
+                                               f"transfers with TarStream, or no session at all? ({obs.describe()})"])
     if not mains:
         return GenerationCheck(claimed, None, [f"no main context transfer among {[c.dir_name for c in router.calls]}"])
     metadata = mains[0].metadata
