@@ -157,7 +157,7 @@ def _apply_known_deviations(request: pytest.FixtureRequest, implementation: str)
         for req_id in mark.args:
             req = catalogue.get(req_id)
             text = (req.known_deviations or "") if req else ""
-            if any(family in text for family in families):
+            if any(_names_family(text, family) for family in families):
                 known[req_id] = f"known deviation of {implementation} from {req_id}: {text}"
 
 
@@ -174,6 +174,14 @@ def _apply_generation_preflight(request: pytest.FixtureRequest, target) -> None:
     overruled = check.overruled(reqs)
     if overruled:
         request.node.stash[_PREFLIGHT_KEY] = (overruled, check.reason())
+
+
+def _names_family(text: str, family: str) -> bool:
+    """Whether a Known deviations text names ``family`` ('dockerd 20.10' in 'dockerd 20.10.24 ...'), and not a
+    longer one: 'buildx 0.1' is not 'buildx 0.13.1', 'reference-daemon 0.1' not 'reference-daemon 0.1 via grpcio'."""
+    import re
+
+    return re.search(re.escape(family) + r"(?!\d)(?! via )", text) is not None
 
 
 @pytest.fixture(scope="session")
