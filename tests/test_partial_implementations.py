@@ -136,7 +136,8 @@ def test_a_body_upload_client_that_serves_only_auth_is_graded_by_its_profile(tmp
     from conformance.catalogue import in_profile
 
     tests = _suite(tmp_path, "--pyargs", "conformance.test_client_session", "conformance.test_client_handshake",
-                   "conformance.test_client_filesync", "--client-under-test", _body_upload_client())
+                   "conformance.test_client_filesync", "conformance.test_client_services",
+                   "--client-under-test", _body_upload_client())
     verdicts = _verdicts(tests)
     # the cause: no Health service, under its own ID, not as a handshake failure
     assert "FAIL" in verdicts["HEALTH-1"], verdicts.get("HEALTH-1")
@@ -148,6 +149,8 @@ def test_a_body_upload_client_that_serves_only_auth_is_graded_by_its_profile(tmp
     # what the profile leaves out is UNSUPPORTED: never a FAIL, never a false PASS
     outside = {r: v for r, v in verdicts.items() if not in_profile("body-upload", r)}
     assert {r for r in outside if r.startswith(("DIFFCOPY-", "STAT-"))}, sorted(outside)
+    # its Auth service is graded: a per-host answer (anonymous for an unknown host), no token authority
+    assert verdicts["AUTH-V1-1"] == {"PASS"} and verdicts["AUTH-V2-4"] == {"NOT APPLICABLE"}, verdicts.get("AUTH-V1-1")
     graded = {"PASS", "FAIL", "NON-STRICT", "ERROR", "XFAIL"}
     assert "UNSUPPORTED" in set().union(*outside.values())
     assert not {r: v & graded for r, v in outside.items() if v & graded}
