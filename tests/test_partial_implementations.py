@@ -20,7 +20,11 @@ def _suite(tmp_path, *args: str) -> list[dict]:
     proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--report-dir", str(report),
                            *args], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert (report / "results.json").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    _last_output[:] = [proc.stdout]
     return json.loads((report / "results.json").read_text())["tests"]
+
+
+_last_output: list[str] = [""]  # the terminal of the last _suite run
 
 
 def test_a_client_that_exits_before_asking_for_a_build_gets_errors_that_quote_it(tmp_path):
@@ -93,6 +97,8 @@ def test_a_daemon_without_the_session_protocol_gets_one_preflight_verdict(tmp_pa
     assert "404" in verdict["actual"] and "404 page not found" in verdict["actual"], verdict["actual"]
     # it imitates dockerd's /version but is not dockerd: neither its name nor dockerd's known deviations
     assert verdict["implementations"]["daemon"] == "Docker-compatible daemon (Engine 20.10.24)"
+    assert ("pre-flight: daemon=under-test has no session protocol (POST /session without Upgrade: 404 404 page not "
+            "found): HANDSHAKE-8 is its one verdict") in _last_output[0], _last_output[0][-3000:]
 
 
 def test_a_generation_n_daemon_graded_as_n_plus_1_gets_one_generation_verdict(tmp_path):
@@ -115,6 +121,7 @@ def test_a_generation_n_daemon_graded_as_n_plus_1_gets_one_generation_verdict(tm
     assert {r for t in overruled for r, v in t["verdicts"].items()} >= {"META-ENCODE-1", "FILESEND-LOCAL-5"}
     assert all(set(t["verdicts"].values()) == {"NOT REACHED"} and "pre-flight" in t["preflight"]
                for t in overruled), overruled
+    assert "cases failed a rule the pre-flight already graded" in _last_output[0], _last_output[0][-3000:]
 
 
 PARTIAL_CLIENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "partial_clients.py")
