@@ -246,6 +246,7 @@ class ClientRun:
     stderr: str
     seconds: float
     argv: list[str] = field(default_factory=list)
+    extra_args: tuple[str, ...] = ()  # the options the case added (require_build: a capability not offered)
 
     @property
     def output(self) -> str:
@@ -288,13 +289,14 @@ class ClientTarget(_Identified):
         started = time.monotonic()
         try:
             proc = subprocess.run(argv, env=full_env, capture_output=True, timeout=timeout, text=True)
-            return ClientRun(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started, argv)
+            return ClientRun(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started, argv,
+                             tuple(extra_args))
         except subprocess.TimeoutExpired as exc:
             def text(value) -> str:
                 return value.decode("utf-8", "replace") if isinstance(value, bytes) else (value or "")
 
             return ClientRun(-9, text(exc.stdout), text(exc.stderr) + f"\n<timed out after {timeout} s>",
-                             time.monotonic() - started, argv)
+                             time.monotonic() - started, argv, tuple(extra_args))
         finally:
             if own_config:
                 shutil.rmtree(own_config, ignore_errors=True)

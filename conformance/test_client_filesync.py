@@ -32,7 +32,7 @@ from .harness.daemon_scripts import (
 from .harness.instrumented_daemon import ScenarioResult
 from .harness.scripted_client import make_context
 from .catalogue import not_applicable_reason
-from .outcomes import expect, not_applicable
+from .outcomes import declared_profiles, expect, not_applicable, redeclare_profiles
 
 requirement = pytest.mark.requirement
 
@@ -464,6 +464,7 @@ _escaping_runs: dict = {}
 def escaping_run(client) -> dict:
     """One client run with every ESCAPING_CASES transfer, shared by the two tests below (per client)."""
     if client.spec in _escaping_runs:
+        redeclare_profiles(_escaping_runs[client.spec]["profiles"])
         return _escaping_runs[client.spec]
     ctx = make_context(ESCAPING_FILES)
     seen = {}
@@ -478,6 +479,7 @@ def escaping_run(client) -> dict:
     finally:
         shutil.rmtree(ctx, ignore_errors=True)
     seen["run"] = run
+    seen["profiles"] = declared_profiles()
     _escaping_runs[client.spec] = seen
     return seen
 

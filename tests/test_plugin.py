@@ -94,10 +94,11 @@ def test_terminal_verdicts_and_a_rerun_command_per_case(pytester):
                                   r"UNSUPPORTED +METHODS-1 \(MUST\) on core: .*",
                                   r"cases: 1 PASS, 1 FAIL, 1 NON-STRICT, 1 UNSUPPORTED, 0 XFAIL, 1 ERROR",
                                   rf"report: {report_dir}/summary.md .*"])
-    result.stdout.re_match_lines([r".*rerun this case.*", r"python -m pytest --pyargs test_tiny::test_fail .*"])
+    # a test outside the installed package (tests/ of a clone, here pytester's directory): its node id
+    result.stdout.re_match_lines([r".*rerun this case.*", r"python -m pytest test_tiny.py::test_fail .*"])
     data = json.loads((report_dir / "results.json").read_text())
     rerun = next(t["rerun"] for t in data["tests"] if t["name"] == "test_fail")
-    assert rerun.startswith("python -m pytest --pyargs test_tiny::test_fail ")
+    assert rerun.startswith("python -m pytest test_tiny.py::test_fail ")
     again = pytester.run(*rerun.replace("python", sys.executable, 1).split())
     again.stdout.re_match_lines([r".*1 failed in .*"])  # exactly that case, nothing else
 
@@ -167,3 +168,24 @@ def test_every_marker_the_project_uses_is_registered_by_the_plugin(pytester):
         f"import pytest\n\n@pytest.mark.{name}\ndef test_{name}():\n    pass\n\n" for name in sorted(registered)))
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error::pytest.PytestUnknownMarkWarning")
     result.assert_outcomes(passed=len(registered))
+
+
+def test_a_suite_case_rerun_line_pasted_in_another_directory_reruns_exactly_that_case(tmp_path):
+    """The rerun of a case of the suite works wherever it is pasted (``--pyargs``: installed or in a clone)."""
+    import os
+    import shlex
+    import subprocess
+
+    report_dir = tmp_path / "reports"
+    subprocess.run([sys.executable, "-m", "pytest", "--pyargs", "conformance.test_daemon_preflight", "-p",
+                    "no:cacheprovider", "-q", "--report-dir", str(report_dir)], cwd=tmp_path, capture_output=True,
+                   timeout=300, check=False)
+    records = json.loads((report_dir / "results.json").read_text())["tests"]
+    record = next(t for t in records if t["name"] == "test_daemon_serves_the_session_endpoint[daemon=reference-n+1]")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    argv = shlex.split(record["rerun"])
+    assert argv[:4] == ["python", "-m", "pytest", "--pyargs"], argv
+    again = subprocess.run([sys.executable, *argv[1:], "-q"], cwd=elsewhere, capture_output=True, text=True,
+                           timeout=300, env={**os.environ})
+    assert again.returncode == 0 and "1 passed" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
