@@ -296,3 +296,19 @@ if __name__ == "__main__":  # python -m conformance.catalogue > requirements.jso
     import json as _json
 
     print(_json.dumps(catalogue_as_json(), indent=2, ensure_ascii=False))
+
+
+# The rules of a profile (SPEC.md "Body-upload profile"): a client that uploads its context as the /build body
+# and serves only some session services is graded by these; the others are UNSUPPORTED for it.
+BODY_UPLOAD_SECTIONS = ("Overview and roles", "Handshake", "Method advertisement", "Health", "Registry auth",
+                        "Secrets", "SSH agent forwarding", "Body-upload profile")
+# a failed build is failed whatever the entry point (BUILD-6); a session ends with its build (TIMEOUT-6)
+BODY_UPLOAD_RULES = ("BUILD-6", "TIMEOUT-6")
+
+
+def in_profile(profile: str, req_id: str) -> bool:
+    """Whether rule ``req_id`` applies to a target of ``profile`` (``body-upload``)."""
+    if profile != "body-upload":
+        raise ValueError(f"unknown profile {profile!r}")
+    req = load_catalogue().get(req_id)
+    return req is not None and (req.section in BODY_UPLOAD_SECTIONS or req_id in BODY_UPLOAD_RULES)

@@ -40,7 +40,7 @@ def family_of(implementation: str) -> str | None:
     """'dockerd 20.10.24' -> 'dockerd 20.10'; 'reference-daemon 0.1.0 (n+1) via grpcio' ->
     'reference-daemon 0.1 via grpcio'."""
     match = re.match(r"(.*?)\s+v?(\d+)\.(\d+)", implementation)
-    if not match:
+    if not match or implementation.startswith("Docker-compatible"):  # known deviations name no imitation
         return None
     via = re.search(r" via (\S+)$", implementation)
     return f"{match.group(1)} {match.group(2)}.{match.group(3)}" + (via.group(0) if via else "")
@@ -98,12 +98,21 @@ def identify_daemon(host: str) -> Identity:
         implementation = f"reference-daemon {component.get('Version', version)}"
         generation = details.get("Generation")
         evidence.append(f"/version component reference-daemon {component.get('Version')}")
-    elif "Engine" in components and server.startswith("Docker/"):
-        # dockerd: an "Engine" component and the Server header its API router writes.
+    elif "Engine" in components and server.startswith("Docker/") and endpoints["/session"]:
+        # dockerd: an "Engine" component, the Server header its API router writes, and the /session route
+        # every dockerd since API 1.39 serves (HANDSHAKE-8).
         engine = str(components["Engine"].get("Version", version))
         implementation = f"dockerd {engine}"
         generation = engine_generation(engine)
         evidence.append(f"/version component Engine {engine}, Server header {server}")
+    elif "Engine" in components or server.startswith("Docker/"):
+        # it imitates dockerd's answers but not dockerd's routes: naming it dockerd would apply dockerd's
+        # known deviations and generation to it
+        engine = str((components.get("Engine") or {}).get("Version", version))
+        implementation = f"Docker-compatible daemon (Engine {engine})"
+        generation = None
+        evidence.append(f"/version component Engine {engine}, Server header {server or '(none)'}, but no "
+                        "POST /session route: not dockerd")
     else:
         platform = (info.get("Platform") or {}).get("Name") or next(iter(components), None) or "daemon"
         implementation = f"{platform} {version}"

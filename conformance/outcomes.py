@@ -138,6 +138,9 @@ def classify(report: pytest.TestReport, call_excinfo) -> str:
 _checks_lock = threading.Lock()
 _checks: dict[str, dict[str, int]] = {}
 _not_applicable: dict[str, str] = {}
+_profiles: dict[str, str] = {}  # a profile the target showed in this case (catalogue.PROFILES) -> how
+
+BODY_UPLOAD = "body-upload"
 
 
 def _record_check(req_id: str, passed: bool) -> None:
@@ -153,10 +156,57 @@ def not_applicable(req_id: str, reason: str) -> None:
         _not_applicable[req_id] = reason
 
 
+def declare_profile(profile: str, evidence: str) -> None:
+    """The target showed ``profile`` in the running case (the instrumented daemon declares a body-upload
+    build): only the profile's rules are graded (``grade_by_profile``)."""
+    with _checks_lock:
+        _profiles.setdefault(profile, evidence)
+
+
+def declared_profiles() -> dict[str, str]:
+    with _checks_lock:
+        return dict(_profiles)
+
+
+def redeclare_profiles(profiles: dict[str, str]) -> None:
+    """A case that reuses another case's client run (a per-client cache) inherits the profiles it showed."""
+    for profile, evidence in profiles.items():
+        declare_profile(profile, evidence)
+
+
+def grade_by_profile(verdicts: dict[str, str], grade: str, failed_req: str | None,
+                     applies, missing_service: bool = False) -> tuple[dict[str, str], str, set[str]]:
+    """A case's verdicts for a target of a profile whose rules are those ``applies(req_id)`` accepts.
+
+    A rule outside the profile is UNSUPPORTED (the target does not offer what it needs), never PASS or FAIL. When
+    the case ended at such a rule, or at no rule, the profile's rules it had not finished are NOT REACHED. The
+    case's grade is the worst verdict of the profile's rules, UNSUPPORTED when none has one. A harness ERROR
+    counts as ending outside when ``missing_service`` (a call the client does not implement broke the
+    scenario). Returns the
+    verdicts, the grade and the IDs made UNSUPPORTED.
+    """
+    outside = {r for r in verdicts if not applies(r)}
+    ended_outside = failed_req is None or failed_req in outside
+    out = {}
+    for req_id, verdict in verdicts.items():
+        if req_id in outside:
+            out[req_id] = UNSUPPORTED
+        elif ended_outside and verdict == grade and (grade not in (PASS, ERROR, UNSUPPORTED) or missing_service):
+            out[req_id] = NOT_REACHED
+        else:
+            out[req_id] = verdict
+    inside = [out[r] for r in out if r not in outside]
+    for worst in (ERROR, FAIL, XFAIL, NON_STRICT, PASS):
+        if worst in inside:
+            return out, worst, outside
+    return out, UNSUPPORTED, outside
+
+
 def reset_checks() -> None:
     with _checks_lock:
         _checks.clear()
         _not_applicable.clear()
+        _profiles.clear()
 
 
 def checks_made() -> dict[str, dict[str, int]]:

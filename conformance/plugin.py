@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 
-from . import cleanup, outcomes
+from . import catalogue, cleanup, outcomes, preflight
 from .identify import families_of
 from . import scratch
 from .targets import (
@@ -33,6 +34,7 @@ from .targets import (
 )
 
 _RESULTS_KEY = pytest.StashKey[list]()
+_STARTED_KEY = pytest.StashKey[tuple]()  # (wall clock, monotonic) when the run started
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -57,7 +59,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="on: a failure SPEC.md lists as a known deviation of the identified implementation is "
                          "an expected failure; off: it is a FAIL like any other")
     group.addoption("--report-dir", default=os.environ.get("SESSION_REPORT_DIR"),
-                    help="write junit.xml, results.json and summary.md here")
+                    help="write junit.xml, results.json and summary.md here (a run without conformance cases "
+                         "writes nothing)")
     group.addoption("--allow-destructive", action="store_true",
                     default=os.environ.get("SESSION_ALLOW_DESTRUCTIVE", "") not in ("", "0", "false"),
                     help="run cases that can corrupt or crash a non-conforming daemon (use a disposable one)")
@@ -69,18 +72,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     choices=["fast", "thorough"])
 
 
+# Every marker of conformance/ and tests/ (pytest-timeout registers its own): registered here, so an installed
+# suite, or a project that merely has the plugin installed, gets no PytestUnknownMarkWarning.
+MARKERS = (
+    "requirement(*ids): the requirement IDs (conformance/SPEC.md) a test checks",
+    "destructive: may corrupt or crash a non-conforming daemon",
+    "slow: a long case (the thorough profile or a real peer's timers)",
+    "real_peer: needs a real peer (python -m conformance.peers list), started by the test",
+    "preflight: a pre-flight case of conformance/preflight.py (runs first, is not overruled by the pre-flight)",
+)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "requirement(*ids): the requirement IDs (conformance/SPEC.md) a test checks")
-    config.addinivalue_line("markers", "destructive: may corrupt or crash a non-conforming daemon")
-    config.addinivalue_line("markers", "slow: a long case (the thorough profile or a real peer's timers)")
+    for marker in MARKERS:
+        config.addinivalue_line("markers", marker)
     config.stash[_RESULTS_KEY] = []
+    config.stash[_STARTED_KEY] = (time.time(), time.monotonic())
     _CONFIG[0] = config
-    report_dir = config.getoption("report_dir")
-    if report_dir:
-        os.makedirs(report_dir, exist_ok=True)
-        if not getattr(config.option, "xmlpath", None):
-            config.option.xmlpath = os.path.join(report_dir, "junit.xml")
+    # Nothing is written yet: --report-dir takes effect only in a run with conformance cases (see _is_case).
     try:
         from hypothesis import settings
     except ImportError:  # installed without the [suite] extra: the property cases cannot run anyway
@@ -113,8 +123,18 @@ def client_specs(config: pytest.Config, *, pair: bool) -> list[ClientSpec | None
     return embedded_client_specs()
 
 
+def _owns_fixture(fixtureinfo, name: str) -> bool:
+    """Whether a test's fixture `name` is this plugin's (a project may have a `client` fixture of its own, which
+    the plugin must leave alone)."""
+    definitions = getattr(fixtureinfo, "name2fixturedefs", {}).get(name) or ()
+    return bool(definitions) and getattr(definitions[-1].func, "__module__", None) == __name__
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    names = metafunc.fixturenames
+    fixtureinfo = metafunc.definition._fixtureinfo
+    names = [name for name in ("daemon", "client") if _owns_fixture(fixtureinfo, name)]
+    if not names:
+        return
     config = metafunc.config
     pair = "daemon" in names and "client" in names
     if "daemon" in names:
@@ -152,8 +172,31 @@ def _apply_known_deviations(request: pytest.FixtureRequest, implementation: str)
         for req_id in mark.args:
             req = catalogue.get(req_id)
             text = (req.known_deviations or "") if req else ""
-            if any(family in text for family in families):
+            if any(_names_family(text, family) for family in families):
                 known[req_id] = f"known deviation of {implementation} from {req_id}: {text}"
+
+
+_PREFLIGHT_KEY = pytest.StashKey[tuple]()
+
+
+def _apply_generation_preflight(request: pytest.FixtureRequest, target) -> None:
+    """When the daemon does not speak the generation it is graded by, a failure of a rule of that generation
+    alone is the pre-flight's verdict (test_daemon_preflight), NOT REACHED here."""
+    reqs = [r for m in request.node.iter_markers("requirement") for r in m.args]
+    if not reqs:
+        return
+    check = preflight.generation_check(target)
+    overruled = check.overruled(reqs)
+    if overruled:
+        request.node.stash[_PREFLIGHT_KEY] = (overruled, check.reason())
+
+
+def _names_family(text: str, family: str) -> bool:
+    """Whether a Known deviations text names ``family`` ('dockerd 20.10' in 'dockerd 20.10.24 ...'), and not a
+    longer one: 'buildx 0.1' is not 'buildx 0.13.1', 'reference-daemon 0.1' not 'reference-daemon 0.1 via grpcio'."""
+    import re
+
+    return re.search(re.escape(family) + r"(?!\d)(?! via )", text) is not None
 
 
 @pytest.fixture(scope="session")
@@ -211,10 +254,14 @@ def _is_external(spec: DaemonSpec | None) -> bool:
 def pytest_sessionstart(session: pytest.Session) -> None:
     # before xdist starts its workers (its own hook runs last): an external daemon's state before the run
     config = session.config
-    if hasattr(config, "workerinput") or not config.getoption("daemon_under_test"):
+    if hasattr(config, "workerinput"):
         return
+    _start_junit(config)
+    if not config.getoption("daemon_under_test"):
+        return
+    missing = session_preflight(config)
     for spec in daemon_specs(config):
-        if _is_external(spec):
+        if _is_external(spec) and spec.id not in missing:  # no session protocol: no case builds on it
             _snapshot_of(config, spec, spec.url)
 
 
@@ -252,8 +299,11 @@ def daemon(request: pytest.FixtureRequest, _daemon_pool):
         target = _daemon_pool[spec] = start_peer_daemon(spec)
         target.restarted_after = died[-2000:]
         _snapshot_of(request.config, spec, target.host, target.implementation)
-    if not target.alive():
+    is_preflight = request.node.get_closest_marker("preflight") is not None
+    if not is_preflight and not target.alive():
         pytest.fail(f"daemon {spec.name} is not answering (it died in an earlier case):\n{target.logs()}")
+    if not is_preflight:
+        _apply_generation_preflight(request, target)
     _apply_known_deviations(request, target.implementation)
     request.node.user_properties.append(("target", spec.name))
     request.node.user_properties.append(("daemon_implementation", target.implementation))
@@ -302,6 +352,66 @@ def _wanted_requirements(config: pytest.Config) -> set[str] | None:
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_CASE_KEY = pytest.StashKey[bool]()
+
+
+def _is_case(item: pytest.Item) -> bool:
+    """Whether the plugin grades and reports this test: a test of the suite's own modules, one that names
+    requirements, or one that takes the daemon or client under test. Any other test (an unrelated project's, in
+    an environment where the plugin is installed) is left alone."""
+    case = item.stash.get(_CASE_KEY, None)
+    if case is None:
+        fixtureinfo = getattr(item, "_fixtureinfo", None)
+        case = item.stash[_CASE_KEY] = (
+            str(item.path).startswith(_PACKAGE_DIR + os.sep)
+            or item.get_closest_marker("requirement") is not None
+            or any(_owns_fixture(fixtureinfo, name) for name in ("daemon", "client")))
+    return case
+
+# {daemon spec id: what the daemon answered} of the external daemons without the session protocol
+_no_session_protocol: dict[str, str] = {}
+_deselected_for: dict[str, int] = {}
+_session_probed = [False]
+
+
+def session_preflight(config: pytest.Config) -> dict[str, str]:
+    """Probe each external daemon under test once per process for the session protocol (preflight.py)."""
+    if config.getoption("daemon_under_test") and not _session_probed[0]:
+        _session_probed[0] = True
+        for spec in daemon_specs(config):
+            if _is_external(spec):
+                endpoint = preflight.session_endpoint(spec.url)
+                if not endpoint.ok:
+                    _no_session_protocol[spec.id] = endpoint.evidence
+    return _no_session_protocol
+
+
+def _preflight_lines(config: pytest.Config) -> list[str]:
+    lines = []
+    for target_id, evidence in session_preflight(config).items():
+        count = _deselected_for.get(target_id)  # known where the collection ran (not in an xdist controller)
+        lines.append(f"{target_id} has no session protocol ({evidence}): HANDSHAKE-8 is its one verdict, "
+                     f"{f'its {count} other cases were' if count else 'its other cases were'} deselected")
+    return lines
+
+
+def _deselect_for_missing_session_protocol(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A daemon without the session protocol gets its pre-flight verdict (HANDSHAKE-8) and nothing else."""
+    missing = session_preflight(config)
+    if not missing:
+        return
+    keep, drop = [], []
+    for item in items:
+        spec = getattr(item, "callspec", None) and item.callspec.params.get("daemon")
+        if (spec is not None and getattr(spec, "id", None) in missing
+                and item.originalname != "test_daemon_serves_the_session_endpoint"):
+            drop.append(item)
+            _deselected_for[spec.id] = _deselected_for.get(spec.id, 0) + 1
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -311,6 +421,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if len(keep) != len(items):
             config.hook.pytest_deselected(items=[item for item in items if item not in keep])
             items[:] = keep
+    _deselect_for_missing_session_protocol(config, items)
+    items.sort(key=lambda item: item.get_closest_marker("preflight") is None)  # stable: the pre-flight first
     if any(str(item.path).startswith(_PACKAGE_DIR + os.sep) for item in items):
         scratch.RUN.open()  # the run's temporary files, removed at pytest_unconfigure
     for item in items:
@@ -343,7 +455,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     if excinfo is not None and report.when == "call":
         known = item.stash.get(_DEVIATIONS_KEY, {})
         failed_req = getattr(excinfo.value, "req_id", None)
-        if failed_req in known and not hasattr(report, "wasxfail"):
+        overruled, why = item.stash.get(_PREFLIGHT_KEY, (set(), ""))
+        if failed_req in overruled and isinstance(excinfo.value, (AssertionError, outcomes.NonStrict)):
+            report.outcome = "skipped"
+            report.preflight = f"{failed_req} not graded: {why}"
+            report.longrepr = (str(item.path), item.location[1] or 0, f"NOT REACHED: {report.preflight}")
+        elif failed_req in known and not hasattr(report, "wasxfail"):
             report.outcome = "skipped"
             report.wasxfail = known[failed_req]
         elif isinstance(excinfo.value, outcomes.NonStrict) and not hasattr(report, "wasxfail"):
@@ -353,8 +470,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         elif isinstance(excinfo.value, outcomes.Unsupported):
             report.outcome = "skipped"
             report.longrepr = (str(item.path), item.location[1] or 0, f"UNSUPPORTED: {excinfo.value}")
-    if report.when == "call" or (report.when == "setup" and not report.passed):
-        grade = outcomes.NON_STRICT if getattr(report, "non_strict", None) else outcomes.classify(report, excinfo)
+    if _is_case(item) and (report.when == "call" or (report.when == "setup" and not report.passed)):
+        grade = (outcomes.NON_STRICT if getattr(report, "non_strict", None) else
+                 outcomes.NOT_REACHED if getattr(report, "preflight", None) else outcomes.classify(report, excinfo))
         reqs = [r for m in item.iter_markers("requirement") for r in m.args]
         exc = excinfo.value if excinfo is not None else None
         checks, not_applicable = outcomes.checks_made(), outcomes.declared_not_applicable()
@@ -362,6 +480,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         # checks are kept but grade nothing.
         verdicts = outcomes.case_verdicts(reqs, grade, getattr(exc, "req_id", None), checks,
                                           not_applicable) if reqs else {}
+        profiles = outcomes.declared_profiles()
+        if outcomes.BODY_UPLOAD in profiles and verdicts:
+            verdicts, grade, outside = outcomes.grade_by_profile(
+                verdicts, grade, getattr(exc, "req_id", None),
+                lambda req_id: catalogue.in_profile(outcomes.BODY_UPLOAD, req_id),
+                missing_service=grade == outcomes.ERROR and "UNIMPLEMENTED" in str(exc))
+            why = (f"not in the body-upload profile (conformance/SPEC.md): the client sent its context as the "
+                   f"/build body ({profiles[outcomes.BODY_UPLOAD]})")
+            not_applicable = {**not_applicable, **{r: why for r in outside}}
+            if grade == outcomes.UNSUPPORTED and report.outcome != "skipped":
+                report.outcome = "skipped"
+                report.longrepr = (str(item.path), item.location[1] or 0, f"UNSUPPORTED: {why}")
+            elif grade == outcomes.PASS and report.outcome != "passed":
+                report.outcome, report.longrepr = "passed", None
         record = {
             "nodeid": item.nodeid,
             "name": item.name,
@@ -384,6 +516,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
             "transcript": list(getattr(exc, "transcript", []) or []),
             "seed": getattr(exc, "seed", None),
             "rerun": rerun_command(item, getattr(exc, "seed", None)),
+            "preflight": getattr(report, "preflight", None),  # why the pre-flight's verdict stands for this case
+            # an XFAIL's known deviation: SPEC.md's text of it, with its evidence
+            "known_deviation": getattr(report, "wasxfail", None) if grade == outcomes.XFAIL else None,
         }
         if grade in (outcomes.FAIL, outcomes.ERROR, outcomes.NON_STRICT, outcomes.XFAIL):
             report.sections.append(("rerun this case", record["rerun"]))
@@ -406,14 +541,18 @@ _RERUN_OPTIONS = (("daemon_under_test", "--daemon-under-test", None), ("client_u
 
 
 def rerun_command(item: pytest.Item, seed: str | None = None) -> str:
-    """A command that reruns exactly this case, pasted in a clone or wherever the suite is installed
-    (``--pyargs`` finds the module either way)."""
+    """A command that reruns exactly this case: a case of the suite pasted anywhere, in a clone or wherever
+    the suite is installed (``--pyargs`` finds the module either way); another test at the root of its clone."""
     import shlex
 
     module = getattr(getattr(item, "module", None), "__name__", None)
     case = item.nodeid.split("::", 1)[1] if "::" in item.nodeid else item.name
-    selector = f"{module}::{case}" if module else item.nodeid
-    argv = ["python", "-m", "pytest", "--pyargs", selector, "-p", "no:cacheprovider"]
+    if module and str(item.path).startswith(_PACKAGE_DIR + os.sep):
+        # a case of the suite: --pyargs finds the package installed or in a clone, from any directory
+        argv = ["python", "-m", "pytest", "--pyargs", f"{module}::{case}", "-p", "no:cacheprovider"]
+    else:
+        # a test of a clone (tests/...) is no importable module: its node id, pasted at the clone's root
+        argv = ["python", "-m", "pytest", item.nodeid, "-p", "no:cacheprovider"]
     config = item.config
     for name, flag, default in _RERUN_OPTIONS:
         value = config.getoption(name)
@@ -428,9 +567,39 @@ def rerun_command(item: pytest.Item, seed: str | None = None) -> str:
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    config = _CONFIG[0]
     for name, value in report.user_properties:
         if name == _RECORD_PROPERTY:
-            _CONFIG[0].stash[_RESULTS_KEY].append(json.loads(value))
+            config.stash[_RESULTS_KEY].append(json.loads(value))
+    junit = config.stash.get(_JUNIT_KEY, None)
+    if junit is not None:
+        junit.pytest_runtest_logreport(report)
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    junit = _CONFIG[0].stash.get(_JUNIT_KEY, None)
+    if junit is not None:
+        junit.pytest_collectreport(report)
+
+
+_JUNIT_KEY = pytest.StashKey[object]()
+
+
+def _start_junit(config: pytest.Config) -> None:
+    """pytest's own junit writer for --report-dir, set up as `--junitxml DIR/junit.xml` would but not registered:
+    the plugin feeds it every report and has it write only at the end of a run with conformance cases, so a run
+    that has none (an unrelated project's, with SESSION_REPORT_DIR set) writes nothing."""
+    report_dir = config.getoption("report_dir")
+    if not report_dir or getattr(config.option, "xmlpath", None):
+        return  # no report directory, or the user's own --junitxml, which pytest writes as always
+    from _pytest.junitxml import LogXML
+
+    junit = LogXML(os.path.join(report_dir, "junit.xml"), config.option.junitprefix,
+                   config.getini("junit_suite_name"), config.getini("junit_logging"),
+                   config.getini("junit_duration_report"), config.getini("junit_family"),
+                   config.getini("junit_log_passing_tests"))
+    junit.pytest_sessionstart()
+    config.stash[_JUNIT_KEY] = junit
 
 
 _CONFIG: list = [None]
@@ -462,10 +631,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         _clean_daemon(config, spec)  # every worker has finished
     results = config.stash.get(_RESULTS_KEY, [])
     report_dir = config.getoption("report_dir")
-    if report_dir and results:
+    if report_dir and results:  # a run without conformance cases writes no report
         from .report import write_reports
 
-        write_reports(report_dir, results, config)
+        os.makedirs(report_dir, exist_ok=True)
+        started, clock = config.stash.get(_STARTED_KEY, (time.time(), time.monotonic()))
+        write_reports(report_dir, results, config, _preflight_lines(config),
+                      run={"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                           "seconds": round(time.monotonic() - clock, 1)})
+        junit = config.stash.get(_JUNIT_KEY, None)
+        if junit is not None:
+            junit.pytest_sessionfinish()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -484,9 +660,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     if cleaned:
         terminalreporter.write_line(cleaned)
     results = [r for r in config.stash.get(_RESULTS_KEY, []) if r["requirements"]]
+    for line in _preflight_lines(config):
+        terminalreporter.write_line(f"pre-flight: {line}")
     if not results:
         return
-    from .report import summarise
+    from .report import _target_of, summarise
 
     summary = summarise(results)
     lines = []
@@ -502,7 +680,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     terminalreporter.section("conformance verdicts")
     for _, line in sorted(lines):
         write(line)
+    overruled: dict[tuple[str, str], set[str]] = {}
+    for record in results:
+        if record.get("preflight"):
+            _, _, why = record["preflight"].partition(" not graded: ")
+            overruled.setdefault((_target_of(record), why), set()).update(record["verdicts"])
+    for (target, why), req_ids in sorted(overruled.items()):
+        write(f"not reached: {len(req_ids)} requirement{'s' if len(req_ids) != 1 else ''} on {target}, their "
+              f"cases failed a rule the pre-flight "
+              f"already graded: {', '.join(sorted(req_ids))}; {why}")
+        not_reached[target] = [r for r in not_reached.get(target, []) if r not in req_ids]
     for target, req_ids in sorted(not_reached.items()):
+        if not req_ids:
+            continue
         write(f"not reached: {len(req_ids)} requirement{'s' if len(req_ids) != 1 else ''} on {target}, their cases "
               f"stopped at another requirement first: {', '.join(req_ids)}")
     for record in results:

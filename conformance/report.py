@@ -16,6 +16,7 @@ import os
 from collections import Counter, defaultdict
 
 from .catalogue import load_catalogue
+from .outcomes import fold_transcript
 from .outcomes import ERROR, FAIL, NON_STRICT, NOT_APPLICABLE, NOT_REACHED, PASS, UNSUPPORTED, XFAIL
 
 # The worst verdict of a requirement's cases decides its grade. NOT REACHED says nothing about the
@@ -68,8 +69,13 @@ def summarise(results: list[dict]) -> dict:
             "implementations": implementations}
 
 
-def write_reports(report_dir: str, results: list[dict], config) -> None:
+def write_reports(report_dir: str, results: list[dict], config, preflight: list[str] = (),
+                  run: dict | None = None) -> None:
+    """``preflight``: what the pre-flight (conformance/preflight.py) kept from running, one line each;
+    ``run``: when it started (UTC) and how many seconds it took."""
     summary = summarise(results)
+    summary["preflight"] = list(preflight)
+    summary["run"] = dict(run or {})
     options = {k: config.getoption(k) for k in ("daemon_under_test", "client_under_test", "daemon_generation",
                                                "client_generation", "known_deviations", "allow_destructive",
                                                "conformance_profile")}
@@ -80,14 +86,22 @@ def write_reports(report_dir: str, results: list[dict], config) -> None:
 
 
 def render_markdown(summary: dict, results: list[dict], options: dict) -> str:
-    out = ["# Session protocol conformance summary", ""]
-    out.append("Options: " + (", ".join(f"`{k}={v}`" for k, v in options.items() if v) or "embedded reference pairs"))
-    if summary.get("implementations"):
-        out += ["", "## Identified implementations", ""]
-        for target, entry in sorted(summary["implementations"].items()):
-            for role in ("daemon", "client"):
-                if role in entry:
-                    out.append(f"- `{target}`: {role} **{entry[role]}** (identified by: {entry.get(role + ' identified by') or '?'})")
+    # what was tested and how it was told, when and for how long, with which options: first
+    out = ["# Session protocol conformance summary", "", "## Identified implementations", ""]
+    for target, entry in sorted((summary.get("implementations") or {}).items()):
+        for role in ("daemon", "client"):
+            if role in entry:
+                out.append(f"- `{target}`: {role} **{entry[role]}** (identified by: {entry.get(role + ' identified by') or '?'})")
+    if not summary.get("implementations"):
+        out.append("- none: no case of this run had a target")
+    run = summary.get("run") or {}
+    if run:
+        out += ["", f"Run: started {run.get('started', '?')}, took {run.get('seconds', '?')} s"]
+    chosen = [f"`{k}={v}`" for k, v in options.items() if v]
+    target_given = options.get("daemon_under_test") or options.get("client_under_test")
+    out += ["", "Options: " + ", ".join(chosen) + ("" if target_given else " (embedded reference pairs)")]
+    if summary.get("preflight"):
+        out += ["", "## Pre-flight", ""] + [f"- {line}" for line in summary["preflight"]]
     out += ["", "## Per target", "", "| target | PASS | FAIL | NON-STRICT | UNSUPPORTED | XFAIL | ERROR | skipped |",
             "|---|---|---|---|---|---|---|---|"]
     for target, counts in sorted(summary["targets"].items()):
@@ -105,12 +119,14 @@ def render_markdown(summary: dict, results: list[dict], options: dict) -> str:
                 out += ["", f"Rerun: `{r['rerun']}`"]
             if r["expected"] is not None:
                 out += ["", f"- Expected: {r['expected']}", f"- Actual: {r['actual']}"]
+            if r.get("known_deviation"):
+                out.append(f"- Known deviation (conformance/SPEC.md): {r['known_deviation']}")
             if r["seed"]:
                 out.append(f"- Seed: `{r['seed']}`")
             if r["message"] and r["expected"] is None:
                 out += ["", "```", r["message"][-2000:], "```"]
             if r["transcript"]:
-                out += ["", "Transcript:", "", "```", *r["transcript"][:80], "```"]
+                out += ["", "Transcript:", "", "```", *fold_transcript(r["transcript"])[:80], "```"]
             out.append("")
     out += ["", "## Per requirement", "", "| requirement | level | outcome | targets |", "|---|---|---|---|"]
     for req_id, entry in sorted(summary["requirements"].items()):

@@ -86,15 +86,17 @@ def peer_daemon_spec(name: str, generation: str = "auto") -> DaemonSpec:
 # the generation's windows). The defaults of reference/daemon are the real daemons' (reference/daemon/config.py);
 # real peers always keep their own.
 #   n-1, n (dockerd 20.10: checks every 1 s, 10 s deadline, an unknown session fails after 5 s):
-#     checks every 0.5 s, 5 s deadline, an unknown session fails after 1 s.
+#     checks every 0.25 s, 5 s deadline, an unknown session fails after 0.5 s.
 #   n+1 (dockerd 26.1: checks every 5 s, 30 s deadline, 5 + 5 s session wait):
-#     checks every 0.5 s, 3 s deadline, 0.5 + 0.5 s session wait.
-EMBEDDED_N_TIMERS = ("--health-interval", "0.5", "--health-timeout", "5", "--session-wait", "1")
-EMBEDDED_N_PLUS_1_TIMERS = ("--health-interval", "0.5", "--health-timeout", "3",
-                            "--session-wait", "0.5", "--session-group-wait", "0.5")
+#     checks every 0.25 s, 3 s deadline, 0.25 + 0.25 s session wait.
+# The cases wait on the interval and the session waits, never on a deadline: the deadlines stay long enough
+# for a client that is slow to answer on a loaded machine (-n auto beside real daemons).
+EMBEDDED_N_TIMERS = ("--health-interval", "0.25", "--health-timeout", "5", "--session-wait", "0.5")
+EMBEDDED_N_PLUS_1_TIMERS = ("--health-interval", "0.25", "--health-timeout", "3",
+                            "--session-wait", "0.25", "--session-group-wait", "0.25")
 # The embedded clients' grace after a failed step whose build never ends (the reference client's default,
 # 20 s, is what a user waits; TIMEOUT-5 only asks for an end within its bound).
-EMBEDDED_CLIENT_HANG_TIMEOUT = 1.0
+EMBEDDED_CLIENT_HANG_TIMEOUT = 0.5
 
 
 # One embedded pair per generation; generation n runs on the grpcio transport, so that the independent
@@ -244,6 +246,7 @@ class ClientRun:
     stderr: str
     seconds: float
     argv: list[str] = field(default_factory=list)
+    extra_args: tuple[str, ...] = ()  # the options the case added (require_build: a capability not offered)
 
     @property
     def output(self) -> str:
@@ -286,13 +289,14 @@ class ClientTarget(_Identified):
         started = time.monotonic()
         try:
             proc = subprocess.run(argv, env=full_env, capture_output=True, timeout=timeout, text=True)
-            return ClientRun(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started, argv)
+            return ClientRun(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started, argv,
+                             tuple(extra_args))
         except subprocess.TimeoutExpired as exc:
             def text(value) -> str:
                 return value.decode("utf-8", "replace") if isinstance(value, bytes) else (value or "")
 
             return ClientRun(-9, text(exc.stdout), text(exc.stderr) + f"\n<timed out after {timeout} s>",
-                             time.monotonic() - started, argv)
+                             time.monotonic() - started, argv, tuple(extra_args))
         finally:
             if own_config:
                 shutil.rmtree(own_config, ignore_errors=True)

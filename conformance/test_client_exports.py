@@ -30,7 +30,7 @@ from .harness.daemon_scripts import (
 )
 from .harness.instrumented_daemon import EXPORTER_ID_KEY, ScenarioResult, new_traceparent
 from .harness.scripted_client import make_context
-from .outcomes import expect
+from .outcomes import declared_profiles, expect, redeclare_profiles
 
 requirement = pytest.mark.requirement
 
@@ -364,6 +364,7 @@ def hostile_run(client, tmp_path_factory):
     """One client run with every hostile export stream, shared by the tests below (per client)."""
     key = client.spec
     if key in _hostile_runs:
+        redeclare_profiles(_hostile_runs[key]["profiles"])
         return _hostile_runs[key]
     tmp_path = tmp_path_factory.mktemp("hostile")
     jail = tmp_path / "jail"
@@ -386,6 +387,7 @@ def hostile_run(client, tmp_path_factory):
     before = _tree_state(str(tmp_path))
     daemon, run = run_client(client, make_context({"a": "a"}), scenario, extra_args=["-o", f"type=local,dest={dest}"])
     seen["run"] = run
+    seen["profiles"] = declared_profiles()
     after = _tree_state(str(tmp_path))
     seen["outside"] = {p: (before.get(p), after.get(p)) for p in set(before) | set(after)
                        if not p.startswith("jail/parents") and p not in (".", "jail") and before.get(p) != after.get(p)}

@@ -32,7 +32,7 @@ from .harness.daemon_scripts import (
 from .harness.instrumented_daemon import ScenarioResult
 from .harness.scripted_client import make_context
 from .catalogue import not_applicable_reason
-from .outcomes import expect, not_applicable
+from .outcomes import declared_profiles, expect, not_applicable, redeclare_profiles
 
 requirement = pytest.mark.requirement
 
@@ -207,7 +207,7 @@ def test_listing_encodes_every_entry_type_like_go(client):
 @requirement("DIFFCOPY-REQ-3", "DIFFCOPY-DATA-1")
 def test_requests_before_the_end_of_the_listing(client):
     _n_plus_1(client)
-    files = {f"d{i // 100:02d}/f{i:04d}": f"content {i}\n" * (1 + i % 7) for i in range(1500)}
+    files = {f"d{i // 100:02d}/f{i:04d}": f"content {i}\n" * (1 + i % 7) for i in range(800)}
     ctx = make_context(files)
     seen = {}
 
@@ -464,6 +464,7 @@ _escaping_runs: dict = {}
 def escaping_run(client) -> dict:
     """One client run with every ESCAPING_CASES transfer, shared by the two tests below (per client)."""
     if client.spec in _escaping_runs:
+        redeclare_profiles(_escaping_runs[client.spec]["profiles"])
         return _escaping_runs[client.spec]
     ctx = make_context(ESCAPING_FILES)
     seen = {}
@@ -478,6 +479,7 @@ def escaping_run(client) -> dict:
     finally:
         shutil.rmtree(ctx, ignore_errors=True)
     seen["run"] = run
+    seen["profiles"] = declared_profiles()
     _escaping_runs[client.spec] = seen
     return seen
 

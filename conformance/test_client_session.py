@@ -12,7 +12,7 @@ import pytest
 from reference import filemode
 from reference.paths import path_sort_key
 
-from .harness.entry_points import build_request_rule, require_build
+from .harness.entry_points import build_request_rule, require_build, tar_names
 from .harness.instrumented_daemon import InstrumentedDaemon
 from .harness.scenarios import DockerdLikeFetch
 from .harness.scripted_client import make_context
@@ -24,7 +24,7 @@ requirement = pytest.mark.requirement
 def _run(client, context, scenario, **kw):
     with InstrumentedDaemon(scenario, generation=client.generation) as daemon:
         run = client.run(context, daemon.host, **kw)
-    require_build(daemon, run)
+    require_build(daemon, run, client)
     return daemon, run
 
 
@@ -33,7 +33,7 @@ def _n_plus_1(client):
         pytest.skip("DiffCopy is generation n and later; this client is generation n-1")
 
 
-@requirement("HANDSHAKE-1", "HANDSHAKE-2", "METHODS-1", "METHODS-2", "HEALTH-1", "BUILD-1", "GRPC-3")
+@requirement("HANDSHAKE-1", "HANDSHAKE-2", "METHODS-1", "METHODS-2", "HEALTH-1", "BUILD-1", "BUILD-8", "GRPC-3")
 def test_handshake_headers_and_health(client):
     _n_plus_1(client)
     scenario = DockerdLikeFetch()
@@ -46,15 +46,20 @@ def test_handshake_headers_and_health(client):
     if build.api == "build":
         expect("BUILD-1", build.query.get("remote") == ["client-session"] and build.query.get("version") == ["2"],
                "version=2&remote=client-session", build.query)
+    if build.api == "body":
+        dockerfile = (build.query.get("dockerfile") or ["Dockerfile"])[0]
+        expect("BUILD-8", dockerfile in tar_names(build.body),
+               f"the context as a tar whose Dockerfile is at {dockerfile!r}", tar_names(build.body)[:20])
     uuids = session.header_values("x-docker-expose-session-uuid")
     expect("HANDSHAKE-2", uuids == [build.session_id], "one Uuid header equal to the build's session", uuids)
     methods = session.methods
-    expect("METHODS-1", all("," not in m and m.startswith("/") for m in methods) and len(methods) >= 2,
+    expect("METHODS-1", all("," not in m and m.startswith("/") for m in methods) and methods,
            "one method per header line, each /package.Service/Method", methods)
-    expect("METHODS-2", any(m.lower() == "/grpc.health.v1.health/check" for m in methods),
-           "Health/Check advertised", methods)
+    # a client without Health: HEALTH-1 is the cause (the daemon drops its session), its advertisement follows
     expect("HEALTH-1", scenario.health_status == 1, "Health/Check answers SERVING (1)",
            scenario.health_error or scenario.health_status)
+    expect("METHODS-2", any(m.lower() == "/grpc.health.v1.health/check" for m in methods),
+           "Health/Check advertised", methods)
     expect(rule, run.returncode == 0, "the build succeeds", run.output)
 
 

@@ -53,9 +53,10 @@ def run_scripted(daemon, handler, *, output: str | None = None, timeout: float =
     return obs
 
 
-def run_packets(daemon, packets: list[Packet], *, then_wait: float = 2.0):
+def run_packets(daemon, packets: list[Packet], *, then_wait: float = 2.0, answer_fin: bool = False):
     transcript: list[str] = []
-    obs = run_scripted(daemon, scripted_sender(packets, then_wait=then_wait, transcript=transcript))
+    obs = run_scripted(daemon, scripted_sender(packets, then_wait=then_wait, answer_fin=answer_fin,
+                                               transcript=transcript))
     return obs, transcript
 
 
@@ -470,7 +471,8 @@ def test_hostile_listing_touches_nothing_outside(daemon, host_probe, case):
     else:
         # the link itself gets owner, mode and time: the target must keep its own
         packets = [S("l", LINK | 0o777, linkname=victim, uid=4321, gid=4321, modTime=5), END]
-    obs, transcript = run_packets(daemon, packets, then_wait=1.5)
+    # FIN is answered: a daemon that accepts the listing completes the transfer and applies all of it
+    obs, transcript = run_packets(daemon, packets, then_wait=1.5, answer_fin=True)
     after = _host_state(host_probe)
     req = "SAFETY-2" if case == "metadata-through-symlink" else "SAFETY-1"
     expect(req, after == before, "nothing outside the destination changed", {"before": before, "after": after},
@@ -524,8 +526,8 @@ def test_unanswered_request_fails_after_a_stall(daemon):
     host = daemon.host
     if daemon.process is not None:  # embedded reference daemon: an extra one with a short stall period
         private = start_private_reference_daemon(daemon.generation, daemon.spec.transport,
-                                                 extra_args=[*daemon.spec.daemon_args, "--stall-timeout", "1"])
-        host, stall_for = private.host, 5.0
+                                                 extra_args=[*daemon.spec.daemon_args, "--stall-timeout", "0.5"])
+        host, stall_for = private.host, 3.0
     try:
         log = SenderLog()
         started = time.monotonic()

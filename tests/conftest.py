@@ -11,7 +11,6 @@ def pytest_configure(config):
     # Temporary files of these tests, their daemons and clients go to one directory, removed when the run
     # ends (the conformance plugin closes it).
     scratch.RUN.open()
-    config.addinivalue_line("markers", "real_peer: needs a real peer (conformance.peers), started by the tests")
 
 
 def pytest_collection_modifyitems(items):

@@ -50,7 +50,7 @@ def test_an_unreachable_daemon_is_named(context, tmp_path):
     host = f"unix://{tmp_path}/no-daemon.sock"
     run = run_client(context, host=host)
     assert run.returncode == 1
-    assert f"cannot connect to the Docker daemon at {host}" in run.stderr and "Traceback" not in run.stderr
+    assert f"Cannot connect to the Docker daemon at {host}. Is the docker daemon running?" in run.stderr and "Traceback" not in run.stderr
 
 
 @pytest.mark.parametrize("output, message", [

@@ -190,7 +190,7 @@ def test_ping_version_and_unknown_routes(refd):
         status, _, body = refd.get(path)
         assert (status, json.loads(body)) == (404, {"message": "page not found"}), path
     # what dockerd serves and this daemon does not says so (a 404 makes the docker CLI look for an image to pull)
-    for path in ("/v1.41/containers/json", "/containers/create", "/v1.41/images/refimg:1/history",
+    for path in ("/v1.41/containers/json", "/containers/create", "/v1.41/images/refimg:1/push",
                  "/images/create", "/networks"):
         status, _, body = refd.get(path)
         message = json.loads(body)["message"]

@@ -40,3 +40,12 @@ def test_clients_named_by_their_version_report():
     assert both.implementation == "docker CLI 26.1.5+dfsg1 + buildx 0.13.1+ds1" and both.generation == "n+1"
     old = identify_client_from_version("Docker version 20.10.24+dfsg1, build 297e128", None)
     assert (old.implementation, old.generation) == ("docker CLI 20.10.24+dfsg1", "n")
+
+
+def test_a_known_deviation_applies_to_the_family_it_names_and_not_to_a_longer_one():
+    from conformance.plugin import _names_family
+
+    assert _names_family("dockerd 20.10.24 (by source reading) accepts the request", "dockerd 20.10")
+    assert _names_family("reference-daemon 0.1 via grpcio cannot send", "reference-daemon 0.1 via grpcio")
+    assert not _names_family("reference-daemon 0.1 via grpcio cannot send", "reference-daemon 0.1")
+    assert not _names_family("buildx 0.13.1 reports only", "buildx 0.1")

@@ -35,6 +35,29 @@ def test_without_a_requirement_to_blame_every_requirement_takes_the_case_outcome
     assert case_verdicts([A, B], grade, None, {A: {"passed": 1, "failed": 0}}) == {A: grade, B: grade}
 
 
+# -- the body-upload profile: its rules graded, the others UNSUPPORTED ---------------------------------------
+
+def test_a_profile_grades_its_own_rules_and_makes_the_others_unsupported():
+    from conformance.catalogue import in_profile
+    from conformance.outcomes import grade_by_profile
+
+    inside = lambda req_id: in_profile("body-upload", req_id)  # noqa: E731
+    assert inside("HEALTH-1") and inside("AUTH-V1-1") and inside("BUILD-8") and not inside("BUILD-1")
+    assert not inside("DIFFCOPY-DATA-1") and not inside("STAT-MODE-1")
+    # the case failed at a profile rule: it keeps its FAIL, the rules outside are UNSUPPORTED
+    assert grade_by_profile({"HEALTH-1": FAIL, "DIFFCOPY-DATA-1": NOT_REACHED}, FAIL, "HEALTH-1", inside) == (
+        {"HEALTH-1": FAIL, "DIFFCOPY-DATA-1": UNSUPPORTED}, FAIL, {"DIFFCOPY-DATA-1"})
+    # a PASS of rules outside the profile is no PASS
+    assert grade_by_profile({"DIFFCOPY-DATA-1": PASS}, PASS, None, inside) == (
+        {"DIFFCOPY-DATA-1": UNSUPPORTED}, UNSUPPORTED, {"DIFFCOPY-DATA-1"})
+    # a plain assert (no rule to blame): the profile's rules were not reached, the case is UNSUPPORTED
+    assert grade_by_profile({"HEALTH-1": FAIL, "STAT-MODE-1": FAIL}, FAIL, None, inside) == (
+        {"HEALTH-1": NOT_REACHED, "STAT-MODE-1": UNSUPPORTED}, UNSUPPORTED, {"STAT-MODE-1"})
+    # a harness ERROR stays an ERROR, unless a call the client does not implement broke the scenario
+    assert grade_by_profile({"HEALTH-1": ERROR}, ERROR, None, inside)[1] == ERROR
+    assert grade_by_profile({"HEALTH-1": ERROR}, ERROR, None, inside, missing_service=True)[1] == UNSUPPORTED
+
+
 def test_a_check_of_an_unnamed_requirement_is_graded_too():
     assert case_verdicts([A], PASS, None, {UNNAMED: {"passed": 1, "failed": 0}}) == {A: PASS, UNNAMED: PASS}
     assert case_verdicts([A], FAIL, UNNAMED, {UNNAMED: {"passed": 0, "failed": 1}}) == {A: NOT_REACHED,
@@ -233,3 +256,46 @@ def test_each_way_a_case_ends_grades_its_requirements(pytester, workers):
     assert data["requirements"][UNNAMED]["outcome"] == PASS
     result.stdout.re_match_lines([(rf"harness warning: test_kinds.py::test_checks_an_unnamed_requirement checks "
                                    rf"{UNNAMED}, which its requirement marker does not name")])
+    # the terminal: one line per non-PASS requirement in the grading's words, the counts, where the report is
+    # (a requirement's line has its worst verdict over the run's cases: test_an_xfail_... shows the others)
+    result.stdout.re_match_lines([r"=+ conformance verdicts =+", rf"FAIL +{A} \(MUST\) on core: .*",
+                                  rf"FAIL +{B} \(MUST\) on core: .*", rf"FAIL +{C} \(MUST\) on core: .*",
+                                  rf"NON-STRICT +{SHOULD} \(SHOULD\) on core: .*",
+                                  r"cases: 1 PASS, 3 FAIL, 1 NON-STRICT, 1 UNSUPPORTED, 1 XFAIL, 0 ERROR",
+                                  r"report: .*/summary.md \(results.json, junit.xml\)"])
+    # summary.md opens with what was tested, when and how long, and the options; an XFAIL gives its deviation
+    summary = (pytester.path / "reports" / "summary.md").read_text().splitlines()
+    assert summary[2] == "## Identified implementations", summary[:10]
+    assert any(line.startswith("Run: started ") and line.endswith(" s") for line in summary[:8]), summary[:10]
+    assert any(line.startswith("Options: ") and "known_deviations=on" in line for line in summary[:10]), summary[:10]
+    xfail = summary.index("### XFAIL: `test_kinds.py::test_known_deviation`")
+    assert f"- Known deviation (conformance/SPEC.md): known deviation of the target from {B}" in summary[xfail:xfail + 12]
+    assert tests["test_known_deviation"]["known_deviation"] == f"known deviation of the target from {B}"
+
+
+XFAIL_AND_UNSUPPORTED = f"""
+import pytest
+from conformance import plugin
+from conformance.outcomes import expect, unsupported
+
+@pytest.fixture
+def b_is_a_known_deviation(request):
+    request.node.stash.setdefault(plugin._DEVIATIONS_KEY, {{}})[{B!r}] = "known deviation of the target from {B}"
+
+@pytest.mark.requirement({B!r})
+def test_known_deviation(b_is_a_known_deviation):
+    expect({B!r}, False, "b", "not b")
+
+@pytest.mark.requirement({C!r})
+def test_unsupported():
+    unsupported("the peer does not offer it")
+"""
+
+
+def test_an_xfail_and_an_unsupported_requirement_each_get_their_terminal_line(pytester):
+    pytester.makepyfile(test_lines=XFAIL_AND_UNSUPPORTED)
+    result = pytester.runpytest_subprocess("--report-dir", str(pytester.path / "reports"), "-p", "no:cacheprovider")
+    result.stdout.re_match_lines([r"=+ conformance verdicts =+", rf"XFAIL +{B} \(MUST\) on core: .*",
+                                  rf"UNSUPPORTED +{C} \(MUST\) on core: .*",
+                                  r"cases: 0 PASS, 0 FAIL, 0 NON-STRICT, 1 UNSUPPORTED, 1 XFAIL, 0 ERROR",
+                                  r"report: .*/summary.md \(results.json, junit.xml\)"])

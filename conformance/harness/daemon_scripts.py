@@ -239,7 +239,7 @@ def run_client(client, context: str, fn=None, *, daemon_kw: dict | None = None, 
     if script is not None:
         script.check(run)
     if expect_build if expect_build is not None else fn is not None:
-        require_build(daemon, run)
+        require_build(daemon, run, client)
     return daemon, run
 
 

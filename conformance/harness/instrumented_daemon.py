@@ -106,6 +106,13 @@ class BuildRecord:
         return (self.query.get("session") or [""])[0]
 
 
+def is_body_upload(query: dict[str, list[str]], body: bytes) -> bool:
+    """A BuildKit /build (version=2) that brings its context as a tar body, not through the session
+    (remote=client-session): SPEC.md's body-upload profile. A tar has "ustar" at offset 257."""
+    return (query.get("version") == ["2"] and (query.get("remote") or [""])[0] != "client-session"
+            and body[257:262] == b"ustar")
+
+
 @dataclass
 class ScenarioResult:
     image_id: str | None = "sha256:" + "0" * 64
@@ -312,6 +319,11 @@ class InstrumentedDaemon:
     def _build(self, sock, conn, target: str, body: bytes) -> None:
         query = parse_qs(urlsplit(target).query, keep_blank_values=True)
         build = BuildRecord(target, query, body)
+        if is_body_upload(query, body):
+            build.api = "body"
+            from ..outcomes import BODY_UPLOAD, declare_profile
+
+            declare_profile(BODY_UPLOAD, f"POST {target} with a {len(body)}-byte tar body")
         result = self.run_scenario(build, build.session_id)
         lines = [json.dumps({"id": "moby.buildkit.trace", "aux": base64.b64encode(t).decode()}) for t in result.trace]
         hang = self._keeps_response_open(result)

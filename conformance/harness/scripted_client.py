@@ -55,10 +55,12 @@ def make_context(files: dict[str, bytes | str], dockerfile: str = "FROM scratch\
     return root
 
 
-def scripted_sender(packets: Iterable[Packet], *, then_wait: float = 5.0,
+def scripted_sender(packets: Iterable[Packet], *, then_wait: float = 5.0, answer_fin: bool = False,
                     transcript: list[str] | None = None) -> Callable[[RpcStream], None]:
     """A FileSync/DiffCopy handler that sends ``packets`` verbatim, then records
-    what the daemon answers until it ends the call (or ``then_wait`` passes)."""
+    what the daemon answers until it ends the call (or ``then_wait`` passes). With ``answer_fin``
+    a FIN from the daemon is answered with FIN and the call ended, so a daemon that accepted the listing
+    completes the transfer (and applies all of it) instead of waiting out ``then_wait`` for the sender."""
 
     def handler(stream: RpcStream) -> None:
         for packet in packets:
@@ -80,8 +82,16 @@ def scripted_sender(packets: Iterable[Packet], *, then_wait: float = 5.0,
                 if transcript is not None:
                     transcript.append("< end of stream")
                 return
+            answer = dc.decode_packet(raw)
             if transcript is not None:
-                transcript.append("< " + dc.describe(dc.decode_packet(raw)))
+                transcript.append("< " + dc.describe(answer))
+            if answer_fin and answer.type == dc.PACKET_FIN:
+                fin = dc.fin_packet()
+                if transcript is not None:
+                    transcript.append("> " + dc.describe(fin))
+                stream.send(fin.SerializeToString())
+                stream.flush()
+                return  # as a sender does: the exchange is complete, the handler's return ends the call
 
     return handler
 

@@ -15,7 +15,7 @@ import signal
 import stat as _st
 import sys
 
-from ..dockerhost import connect, docker_host
+from ..dockerhost import api_call
 from ..errors import SessionError
 from .build import BuildError, Output, build
 from .display import progress_for
@@ -84,14 +84,12 @@ def _check_output(output: Output) -> None:
         raise SystemExit(f"error: output destination {dest}: {path} is not writable")
 
 
-def _check_daemon(host: str) -> None:
+def _check_daemon() -> None:
+    """The daemon answers (DOCKER_HOST, the docker context, TLS, ssh:// resolved as the docker CLI does)."""
     try:
-        connect(host, timeout=10.0).close()
-    except SessionError as exc:
+        api_call("GET", "/_ping", timeout=10.0)
+    except (SessionError, OSError) as exc:  # DaemonConnectionError names the host
         raise SystemExit(f"error: {exc}") from None
-    except OSError as exc:
-        raise SystemExit(f"error: cannot connect to the Docker daemon at {host}: "
-                         f"{exc.strerror or exc}. Is the docker daemon running?") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for output in outputs:
         _check_output(output)
-    _check_daemon(docker_host())
+    _check_daemon()
     progress = progress_for("quiet" if args.quiet else args.progress, sys.stderr)
     previous = {signum: signal.signal(signum, _raise_signalled) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:

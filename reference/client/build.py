@@ -51,7 +51,63 @@ DEFAULT_API = {"n-1": "build", "n": "build", "n+1": "grpc"}
 
 
 class BuildError(SessionError):
-    """The daemon reported the build as failed (or it hung past our timeout)."""
+    """The daemon reported the build as failed (or it hung past our timeout).
+
+    ``message``: the daemon's error (also ``str(error)``); ``step``: the name of the step that failed, as the
+    progress shows it (``[2/3] RUN false``), or None when no step reported an error; ``logs``: that step's
+    last output lines (at most ``FAILED_STEP_LOG_LINES``).
+    """
+
+    def __init__(self, message: str, step: str | None = None, logs: Iterable[str] = ()):
+        super().__init__(message)
+        self.message = message
+        self.step = step
+        self.logs = list(logs)
+
+
+FAILED_STEP_LOG_LINES = 10
+# a step's output kept for the failure report: enough bytes for its last lines
+_STEP_LOG_BYTES = 16 * 1024
+# the error of a step stopped because another one failed: never the step that failed
+_CANCELLED = "context canceled"
+
+
+class _FailedStepTracker:
+    """Watches the progress for the step that failed and its output, so a BuildError can name them."""
+
+    def __init__(self):
+        self.names: dict[str, str] = {}
+        self.logs: dict[str, bytearray] = {}
+        self.failed: list[str] = []  # digests of vertices that reported an error, in order
+
+    def __call__(self, status: "StatusResponse") -> None:
+        for vertex in status.vertexes:
+            self.names[vertex.digest] = vertex.name
+            if vertex.error and vertex.digest not in self.failed:
+                self.failed.append(vertex.digest)
+                if _CANCELLED not in vertex.error:
+                    self.failed.insert(0, self.failed.pop())  # a real failure before any cancelled one
+        for log in status.logs:
+            buffer = self.logs.setdefault(log.vertex, bytearray())
+            buffer += log.msg
+            del buffer[:-_STEP_LOG_BYTES]
+
+    def wrap(self, progress):
+        if progress is None:
+            return self
+        def both(status):
+            self(status)
+            progress(status)
+        return both
+
+    def annotate(self, error: BuildError) -> BuildError:
+        if error.step is not None or not self.failed:
+            return error
+        digest = self.failed[0]
+        lines = bytes(self.logs.get(digest, b"")).decode("utf-8", "replace").splitlines()
+        annotated = BuildError(error.message, self.names.get(digest) or None, lines[-FAILED_STEP_LOG_LINES:])
+        annotated.__cause__ = error.__cause__
+        return annotated
 
 
 @dataclass
@@ -243,16 +299,14 @@ def build(
         if sorted(handlers) != methods:
             raise AssertionError(f"served methods {sorted(handlers)} differ from the advertised {methods}")
         server = _serve(transport)(sock, handlers, leftover)
-        if control is None:
-            image_id, vertex_errors = response.follow(on_status, timeout, hang_timeout)
-        else:
-            solve = grpcsolve.solve_request(
-                new_session_id(), request.session_id, dockerfile_name=os.path.basename(dockerfile_path),
-                output_type=outputs[0].type if outputs else None, tags=list(tags), build_args=build_args,
-                labels=labels, target=target, no_cache=no_cache, pull=pull, network=network)
-            answer, vertex_errors = grpcsolve.run_solve(control[0], solve, progress=on_status, timeout=timeout,
-                                                        hang_timeout=hang_timeout, error_type=BuildError)
-            image_id = None if outputs else grpcsolve.image_id_of(answer)
+        failed_step = _FailedStepTracker()
+        on_status = failed_step.wrap(on_status)  # raw StatusResponse messages: the events are made from them
+        try:
+            image_id, vertex_errors = _follow(response, control, request.session_id, dockerfile_path, outputs,
+                                              tags, build_args, labels, target, no_cache, pull, network,
+                                              on_status, timeout, hang_timeout)
+        except BuildError as exc:
+            raise failed_step.annotate(exc) from exc.__cause__
     finally:
         if ssh_provider is not None:
             ssh_provider.close()
@@ -264,6 +318,22 @@ def build(
         _close_control(control)
     return BuildResult(image_id, services.streams, services.calls, request.session_id, request.methods,
                        vertex_errors, time.monotonic() - started, entry)
+
+
+def _follow(response, control, session_id, dockerfile_path, outputs, tags, build_args, labels, target, no_cache,
+            pull, network, progress, timeout, hang_timeout) -> tuple[str | None, list[str]]:
+    """Follow the build to its end on /build (``response``) or /grpc (``control``): (image id, vertex errors)."""
+    if control is None:
+        return response.follow(progress, timeout, hang_timeout)
+    from . import grpcsolve
+
+    solve = grpcsolve.solve_request(
+        new_session_id(), session_id, dockerfile_name=os.path.basename(dockerfile_path),
+        output_type=outputs[0].type if outputs else None, tags=list(tags), build_args=build_args,
+        labels=labels, target=target, no_cache=no_cache, pull=pull, network=network)
+    answer, vertex_errors = grpcsolve.run_solve(control[0], solve, progress=progress, timeout=timeout,
+                                                hang_timeout=hang_timeout, error_type=BuildError)
+    return (None if outputs else grpcsolve.image_id_of(answer)), vertex_errors
 
 
 def _close_control(control) -> None:

@@ -26,8 +26,11 @@ SOLVE = CONTROL + "Solve"
 DOCKERFILE_FRONTEND = "dockerfile.v0"
 IMAGE_EXPORTER = "moby"  # the daemon's image store; attribute "name": comma-separated tags
 # After the Solve answered, the Status stream gets this long to deliver its last messages (dockerd 20.10
-# ends it right after the answer, 26.1 right before).
+# ends it right after the answer, 26.1 right before) ...
 STATUS_DRAIN = 5.0
+# ... or, after a failed Solve, until it has been quiet this long: the Status of a Solve that was refused
+# before it built anything may never end.
+STATUS_QUIET = 0.5
 POLL = 0.5
 
 
@@ -104,6 +107,7 @@ class _StatusFollower:
         self.first_error_at: float | None = None
         self.error: Exception | None = None
         self.done = threading.Event()
+        self.last_message_at = time.monotonic()
         self._lock = threading.Lock()
         threading.Thread(target=self._read, name="control-status", daemon=True).start()
 
@@ -111,6 +115,7 @@ class _StatusFollower:
         try:
             for data in self.stream:
                 status = pb.StatusResponse.FromString(data)
+                self.last_message_at = time.monotonic()
                 with self._lock:
                     for vertex in status.vertexes:
                         if vertex.error and vertex.error not in self.vertex_errors:
@@ -122,6 +127,15 @@ class _StatusFollower:
             self.error = exc
         finally:
             self.done.set()
+
+    def settle(self, limit: float, quiet: float) -> None:
+        """Wait for the end of the stream, at most ``limit`` seconds, or until no message came for ``quiet``."""
+        deadline = time.monotonic() + limit
+        while not self.done.is_set():
+            now = time.monotonic()
+            if now >= deadline or now - self.last_message_at >= quiet:
+                return
+            self.done.wait(min(deadline, self.last_message_at + quiet) - now)
 
     def cancel(self) -> None:
         if not self.done.is_set():
@@ -153,6 +167,7 @@ def run_solve(conn: ClientConnection, request: pb.SolveRequest, *,
                 continue
             except RpcError as exc:
                 finished = True
+                status.settle(STATUS_DRAIN, STATUS_QUIET)  # the failed step's error and output may be on their way
                 raise error_type(exc.details or exc.code.name) from None
             if data is None:
                 finished = True

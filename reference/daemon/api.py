@@ -2,7 +2,9 @@
 
 Every route answers with and without a ``/vX.Y`` prefix; versions outside
 1.12 up to the generation's API version (1.41 for n, 1.45 for n+1) are
-refused like dockerd does.  Unknown routes get dockerd's 404.  ``POST /grpc`` (generations n and n+1)
+refused like dockerd does.  For its own images it serves list, inspect, history, tag, delete and save
+(a docker-archive tar, reference/daemon/imagearchive.py); every other Engine API route answers 501 "not
+supported by the reference daemon: METHOD PATH", anything else dockerd's 404.  ``POST /grpc`` (generations n and n+1)
 is BuildKit's Control API, reference/daemon/grpcapi.py.
 """
 
@@ -23,7 +25,8 @@ from .cache import ContextCache
 from .config import API_VERSION, ENGINE_VERSION, MIN_API_VERSION, DaemonConfig
 from .grpcapi import GrpcEndpoint
 from .httpserver import Exchange, Request
-from .images import ImageNotFound, ImageStore
+from .imagearchive import write_docker_archive
+from .images import ImageNotFound, ImageStore, InvalidReference, normalize_tag
 from .progress import ProgressWriter
 from .sessions import SessionManager
 
@@ -32,13 +35,13 @@ log = logging.getLogger("reference.daemon.api")
 # reference.dockerhost's User-Agent: the project's Python clients and suite
 OWN_USER_AGENT = "docker-session-reference/"
 _VERSION_PREFIX = re.compile(r"^/v([0-9]+(?:\.[0-9]+)?)(/.*)$")
-_IMAGE_JSON = re.compile(r"^/images/(.+)/json$")
+_IMAGE_ACTION = re.compile(r"^/images/(.+)/(json|history|get|tag)$")
 _IMAGE = re.compile(r"^/images/(.+)$")
 # Engine API areas dockerd serves and this daemon does not: a plain "not supported" (501) instead of dockerd's 404,
 # which the docker CLI reads as "no such image" (`docker run` then tries to pull it) or "page not found".
 _UNSERVED_AREAS = ("/containers", "/exec", "/networks", "/volumes", "/swarm", "/nodes", "/services", "/tasks",
                    "/secrets", "/configs", "/plugins", "/distribution", "/auth", "/events", "/commit")
-_UNSERVED_IMAGE_ROUTES = re.compile(r"^/images/(create|load|search|prune|get)$|^/images/.+/(tag|push|history|get)$")
+_UNSERVED_IMAGE_ROUTES = re.compile(r"^/images/(create|load|search|prune)$|^/images/.+/push$")
 NOT_SUPPORTED = ("not supported by the reference daemon: {request} (it builds images and serves the client "
                  "session; it runs no containers and keeps no registry or network state)")
 
@@ -109,6 +112,7 @@ class EngineApi:
             ("POST", "/build/cancel"): self.build_cancel,
             ("GET", "/system/df"): self.system_df,
             ("GET", "/images/json"): self.images_list,
+            ("GET", "/images/get"): self.images_save,
             ("GET", "/_reference/stats"): self.stats,
         }
         if self.grpc is not None:
@@ -116,10 +120,13 @@ class EngineApi:
         handler = fixed.get((method, path))
         if handler is not None:
             return handler, ()
-        if method == "GET":
-            match = _IMAGE_JSON.match(path)
-            if match:
-                return self.image_inspect, (match.group(1),)
+        match = _IMAGE_ACTION.match(path)
+        if match:
+            name, action = match.groups()
+            handler = {("GET", "json"): self.image_inspect, ("GET", "history"): self.image_history,
+                       ("GET", "get"): self.image_save, ("POST", "tag"): self.image_tag}.get((method, action))
+            if handler is not None:
+                return handler, (name,)
         if method == "DELETE":
             match = _IMAGE.match(path)
             if match:
@@ -281,11 +288,66 @@ class EngineApi:
             return
         exchange.json(200, self.images.inspect(image))
 
+    def image_history(self, request: Request, exchange: Exchange, name: str) -> None:
+        try:
+            image = self.images.get(name)
+        except ImageNotFound as exc:
+            exchange.error(404, str(exc))
+            return
+        exchange.json(200, self.images.history(image))
+
+    def image_tag(self, request: Request, exchange: Exchange, name: str) -> None:
+        repo, tag = request.param("repo") or "", request.param("tag") or ""
+        try:
+            image_id = self.images.resolve(name)
+            self.images.tag(image_id, f"{repo}:{tag}" if tag else repo)
+        except ImageNotFound as exc:
+            exchange.error(404, str(exc))
+            return
+        except InvalidReference as exc:
+            exchange.error(400, str(exc))
+            return
+        exchange.respond(201, b"", None)
+
+    def image_save(self, request: Request, exchange: Exchange, name: str) -> None:
+        self._save(exchange, [name])
+
+    def images_save(self, request: Request, exchange: Exchange) -> None:
+        self._save(exchange, request.params("names"))
+
+    def _save(self, exchange: Exchange, names: list[str]) -> None:
+        """``docker save``: every name is resolved before the first byte, so an unknown one is a plain 404.
+        A name that is a tag records that tag; an id records none (as dockerd does)."""
+        selection: dict[str, tuple] = {}
+        try:
+            for name in names:
+                image = self.images.get(name)
+                tags = selection.setdefault(image.id, (image, []))[1]
+                try:
+                    tag = normalize_tag(name)
+                except InvalidReference:
+                    continue
+                if tag in self.images.tags_of(image.id) and tag not in tags:
+                    tags.append(tag)
+        except ImageNotFound as exc:
+            exchange.error(404, str(exc))
+            return
+        exchange.start_stream(200, "application/x-tar")
+        write_docker_archive(self.images, list(selection.values()), _ExchangeWriter(exchange))
+        exchange.end()
+
     def image_delete(self, request: Request, exchange: Exchange, name: str) -> None:
         try:
             exchange.json(200, self.images.remove(name))
         except ImageNotFound as exc:
             exchange.error(404, str(exc))
+
+
+class _ExchangeWriter:
+    """A write-only file on a streamed response, for tarfile."""
+
+    def __init__(self, exchange: Exchange):
+        self.write = exchange.write
 
 
 def _filters(request: Request) -> dict[str, list[str]]:

@@ -284,6 +284,29 @@ class ImageStore:
             "Metadata": {"LastTagTime": "0001-01-01T00:00:00Z"},
         }
 
+    def history(self, image: Image) -> list[dict]:
+        """``GET /images/{name}/history``: newest entry first, as dockerd lists it; only the top entry
+        names an image (the image has no parent images here, so the others are "<missing>")."""
+        diff_ids = iter(image.config.get("rootfs", {}).get("diff_ids", []))
+        entries = []
+        for item in image.config.get("history") or []:
+            size = 0
+            if not item.get("empty_layer"):
+                diff_id = next(diff_ids, None)
+                if diff_id is not None:
+                    try:
+                        size = os.path.getsize(self.layer_path(diff_id))
+                    except OSError:
+                        pass
+            entries.append({"Id": "<missing>", "Created": _unix_time(item.get("created", "")),
+                            "CreatedBy": item.get("created_by", ""), "Tags": None, "Size": size,
+                            "Comment": item.get("comment", "")})
+        entries.reverse()
+        if entries:
+            entries[0]["Id"] = image.id
+            entries[0]["Tags"] = self.tags_of(image.id) or None
+        return entries
+
     def layers_size(self) -> int:
         return sum(os.path.getsize(os.path.join(self.layers, n)) for n in os.listdir(self.layers))
 

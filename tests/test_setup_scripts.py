@@ -1,0 +1,75 @@
+"""The README's two commands and the set-up behind them (.ci/set-up): idempotent, and fast the second time."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["run-conformance", "run-tests", ".ci/set-up", ".ci/install-system-deps", ".ci/run", ".ci/check-proto"]
+
+
+def test_the_readmes_first_code_block_is_the_two_commands():
+    with open(os.path.join(ROOT, "README.md")) as fh:
+        first_block = re.search(r"```sh\n(.*?)```", fh.read(), re.S).group(1)
+    commands = [line.split("#")[0].strip() for line in first_block.splitlines() if line.split("#")[0].strip()]
+    assert commands == ["./run-conformance", "./run-tests"]
+    for command in commands:
+        assert os.access(os.path.join(ROOT, command), os.X_OK)
+
+
+def test_the_scripts_parse():
+    for script in SCRIPTS:
+        done = subprocess.run(["bash", "-n", os.path.join(ROOT, script)], capture_output=True, text=True)
+        assert done.returncode == 0, f"{script}: {done.stderr}"
+
+
+def test_ci_runs_the_second_command():
+    with open(os.path.join(ROOT, ".ci", "run")) as fh:
+        assert re.search(r"^\./run-tests$", fh.read(), re.M)
+
+
+# Stand-ins that record their calls: the system packages, and the venv's python (pip).
+STUB_DEPS = '#!/bin/sh\necho "deps $*" >> "$CALLS"\n'
+STUB_PYTHON = '#!/bin/sh\n[ "$1" = -c ] && exit 0\necho "python $*" >> "$CALLS"\n'
+
+
+def _project_copy(tmp_path):
+    project = tmp_path / "project"
+    (project / ".ci").mkdir(parents=True)
+    shutil.copy(os.path.join(ROOT, "pyproject.toml"), project)
+    shutil.copy(os.path.join(ROOT, ".ci", "set-up"), project / ".ci")
+    for path, text in ((project / ".ci" / "install-system-deps", STUB_DEPS),
+                       (project / ".venv" / "bin" / "python", STUB_PYTHON)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return project
+
+
+def _set_up(project, level, calls):
+    env = {**os.environ, "CALLS": str(calls)}
+    env.pop("FORCE_SETUP", None)
+    done = subprocess.run([str(project / ".ci" / "set-up"), level], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = calls.read_text().splitlines() if calls.exists() else []
+    calls.unlink(missing_ok=True)
+    return lines
+
+
+def test_set_up_runs_once_until_its_inputs_change(tmp_path):
+    project, calls = _project_copy(tmp_path), tmp_path / "calls"
+    assert _set_up(project, "suite", calls) == [
+        "deps --suite-only", f"python -m pip install --quiet --editable {project}[suite]"]
+    assert _set_up(project, "suite", calls) == []  # done: nothing installed again
+    assert _set_up(project, "dev", calls) == ["deps ", f"python -m pip install --quiet --editable {project}[dev]"]
+    assert _set_up(project, "dev", calls) == []
+    assert _set_up(project, "suite", calls) == []  # the dev set-up holds the suite's
+    with open(project / "pyproject.toml", "a") as fh:
+        fh.write("\n# changed\n")
+    assert _set_up(project, "suite", calls) == [
+        "deps --suite-only", f"python -m pip install --quiet --editable {project}[suite]"]
