@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from reference.client.build import BuildError, _run_build
+from reference.client import BuildError, post_build
 from reference.client.services import (
     FILESYNC_DIFFCOPY, FILESYNC_TARSTREAM, HEALTH_CHECK, HEALTH_WATCH,
 )
@@ -177,7 +177,7 @@ def test_transfer_on_a_session_that_closes_is_cancelled_within_1s(daemon):
     with LiveSession(daemon.host, ctx, handler_overrides={FILESYNC_DIFFCOPY: router}) as live:
         def build():
             try:
-                _run_build(build_query(live.session_id), daemon.host, None, 30, 15)
+                post_build(build_query(live.session_id), daemon.host, None, 30, 15)
                 outcome["error"] = None
             except (BuildError, OSError) as exc:
                 outcome["error"] = str(exc)

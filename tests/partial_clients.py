@@ -18,7 +18,7 @@ import sys
 import tarfile
 
 from reference.client.auth import AuthProvider, DockerConfigCredentials
-from reference.client.build import BuildError, _run_build
+from reference.client import BuildError, post_build
 from reference.dockerhost import EngineError, docker_host
 from reference.errors import SessionError
 from reference.session import SessionRequest, new_session_id, open_session
@@ -63,7 +63,7 @@ def body_upload(context: str, same_credentials: bool) -> int:
     query = {"version": "2", "session": request.session_id, "dockerfile": "Dockerfile",
              "buildid": secrets.token_hex(8), "rm": "1"}
     try:
-        image_id, _ = _run_build(query, host, lambda event: None, 60.0, 5.0, body=context_tar(context))
+        image_id, _ = post_build(query, host, lambda event: None, 60.0, 5.0, body=context_tar(context))
     except (BuildError, EngineError, SessionError, OSError) as exc:
         print(f"build failed: {exc}", file=sys.stderr)
         return 1

@@ -23,7 +23,7 @@ import pytest
 
 from conformance.trees import diff_snapshots, snapshot, write_file
 from reference import diffcopy as dc
-from reference.client.build import BuildError, _run_build, build
+from reference.client.build import BuildError, post_build, build
 from reference.dockerhost import api_call, connect, HttpConnection
 from reference.filemode import MODE_DIR
 from reference.pb.fsutil_types_pb2 import Packet, Stat
@@ -250,7 +250,7 @@ class ScriptedSession:
         params = {"version": "2", "session": self.id, "remote": "client-session",
                   "dockerfile": "Dockerfile", "buildid": new_session_id()}
         params.update(query)
-        image_id, _ = _run_build(params, self.host, None, timeout, 5.0)
+        image_id, _ = post_build(params, self.host, None, timeout, 5.0)
         return image_id
 
     def close(self) -> None:
@@ -360,7 +360,7 @@ def test_vanished_client_frees_session_and_threads(refd):
 def test_missing_session_and_stalled_sender_time_out(impatient):
     started = time.monotonic()
     with pytest.raises(BuildError) as info:
-        _run_build({"version": "2", "session": "nosuchsession", "remote": "client-session"},
+        post_build({"version": "2", "session": "nosuchsession", "remote": "client-session"},
                    impatient.host, None, 10, 5)
     assert "no active session for nosuchsession: context deadline exceeded" in str(info.value)
     assert 0.4 < time.monotonic() - started < 3

@@ -63,13 +63,15 @@ def _set_up(project, level, calls):
 
 def test_set_up_runs_once_until_its_inputs_change(tmp_path):
     project, calls = _project_copy(tmp_path), tmp_path / "calls"
+    # after pip, the venv's packages are compiled (the stub venv has no lib/python3.X: the glob stays as written)
+    compiled = f"python -m compileall -q -j 0 {project}/.venv/lib/python3*/site-packages"
     assert _set_up(project, "suite", calls) == [
-        "deps --suite-only", f"python -m pip install --quiet --editable {project}[suite]"]
+        "deps --suite-only", f"python -m pip install --quiet --editable {project}[suite]", compiled]
     assert _set_up(project, "suite", calls) == []  # done: nothing installed again
-    assert _set_up(project, "dev", calls) == ["deps ", f"python -m pip install --quiet --editable {project}[dev]"]
+    assert _set_up(project, "dev", calls) == ["deps ", f"python -m pip install --quiet --editable {project}[dev]", compiled]
     assert _set_up(project, "dev", calls) == []
     assert _set_up(project, "suite", calls) == []  # the dev set-up holds the suite's
     with open(project / "pyproject.toml", "a") as fh:
         fh.write("\n# changed\n")
     assert _set_up(project, "suite", calls) == [
-        "deps --suite-only", f"python -m pip install --quiet --editable {project}[suite]"]
+        "deps --suite-only", f"python -m pip install --quiet --editable {project}[suite]", compiled]

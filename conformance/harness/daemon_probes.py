@@ -447,7 +447,7 @@ class LiveSession:
         handlers = {method: decoding(handler) if "/moby.filesync.v1.FileSync/" in method else handler
                     for method, handler in self.services.handlers().items()}
         for method, handler in (handler_overrides or {}).items():
-            handlers[method] = self.services._traced(handler)
+            handlers[method] = self.services.traced(handler)
         self.session_id = session_id or new_session_id()
         request = SessionRequest(self.session_id, "probe", new_session_id(),
                                  list(methods) if methods is not None else sorted(handlers))

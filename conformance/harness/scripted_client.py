@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from reference import diffcopy as dc
-from reference.client.build import BuildError, _run_build
+from reference.client import BuildError, post_build
 from reference.client.services import (
     ClientServices, StreamStats, SyncedDir, local_export_handler, tar_export_handler,
 )
@@ -128,7 +128,7 @@ def run_build(
     if output is not None:
         kind, dest = output
         make = local_export_handler if kind == "local" else tar_export_handler
-        services.export = make(dest, services._record)
+        services.export = make(dest, services.record)
         out_attrs = [{"Type": kind, "Attrs": {}}]
     # the suite's client understands generation n+1's metadata encoding (its senders see decoded values)
     from .daemon_probes import decoding
@@ -136,7 +136,7 @@ def run_build(
     handlers = {method: decoding(handler) if method.startswith(FILESYNC_SERVICE) else handler
                 for method, handler in services.handlers().items()}
     for method, handler in (handler_overrides or {}).items():
-        handlers[method] = services._traced(handler)
+        handlers[method] = services.traced(handler)
     advertised = list(methods) if methods is not None else sorted(handlers) + list(extra_methods)
     request = SessionRequest(session_id or new_session_id(), os.path.basename(context),
                              shared_key or new_session_id(), advertised)
@@ -165,7 +165,7 @@ def run_build(
         from reference.transport.h2grpc import serve_h2 as serve
     server = serve(sock, handlers, leftover)
     try:
-        image_id, vertex_errors = _run_build(q, daemon_host, progress.append, timeout, hang_timeout)
+        image_id, vertex_errors = post_build(q, daemon_host, progress.append, timeout, hang_timeout)
         ok, error = True, None
     except (BuildError, EngineError, SessionError, OSError) as exc:
         image_id, vertex_errors, ok, error = None, [], False, str(exc)

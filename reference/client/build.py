@@ -363,7 +363,7 @@ def _client_services(context_dir: str, dockerfile_path: str, legacy_request: boo
                               stream_protocol_env=stream_protocol_env, ssh=ssh)
     for out in outputs:
         make = local_export_handler if out.type == "local" else tar_export_handler
-        services.export = make(out.dest, services._record)
+        services.export = make(out.dest, services.record)
     return services
 
 
@@ -390,8 +390,11 @@ def _read_dockerignore(context_dir: str, dockerfile_path: str) -> list[str]:
     return []
 
 
-def _run_build(query, host, progress, timeout, hang_timeout, body: bytes | None = None) -> tuple[str | None, list[str]]:
-    """POST /build and follow it to the end: (image id, vertex errors)."""
+def post_build(query: dict, host: str, progress: Callable[["StatusResponse"], None] | None, timeout: float | None,
+               hang_timeout: float, body: bytes | None = None) -> tuple[str | None, list[str]]:
+    """POST /build with exactly ``query`` (and ``body``, a tar context, if given) and follow it to the end:
+    (image id, vertex errors). ``progress`` gets BuildKit's raw ``StatusResponse`` messages. For callers that
+    run the session themselves (the conformance suite's scripted clients); ``build()`` does everything."""
     response = _BuildResponse(query, host, body)
     try:
         return response.follow(progress, timeout, hang_timeout)

@@ -141,13 +141,14 @@ class ClientServices:
                                      auth=self.auth is not None,
                                      token_authority=self.auth is not None and self.auth.token_authority,
                                      ssh=self.ssh is not None)
-        return {method: self._traced(served[method]) for method in methods}
+        return {method: self.traced(served[method]) for method in methods}
 
     def methods(self) -> list[str]:
         """The advertised list, in a stable order (one header line each)."""
         return sorted(self.handlers())
 
-    def _traced(self, handler):
+    def traced(self, handler):
+        """``handler`` that first records its call in ``calls`` (also for handlers a caller substitutes)."""
         def run(stream: RpcStream) -> None:
             with self._lock:
                 self.calls.append(stream.method)
@@ -155,7 +156,8 @@ class ClientServices:
 
         return run
 
-    def _record(self, stats: StreamStats) -> None:
+    def record(self, stats: StreamStats) -> None:
+        """Add a transfer's statistics to ``streams`` (export receivers report through it)."""
         with self._lock:
             self.streams.append(stats)
 
@@ -216,7 +218,7 @@ class ClientServices:
             raise
         finally:
             record.seconds = time.monotonic() - started
-            self._record(record)
+            self.record(record)
 
     def filesync_tarstream(self, stream: RpcStream) -> None:
         started = time.monotonic()
@@ -250,7 +252,7 @@ class ClientServices:
             raise RpcError(StatusCode.UNKNOWN, str(exc)) from None
         finally:
             record.seconds = time.monotonic() - started
-            self._record(record)
+            self.record(record)
 
     # -- secrets --------------------------------------------------------------------
     def get_secret(self, stream: RpcStream) -> None:
