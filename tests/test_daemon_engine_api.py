@@ -41,9 +41,9 @@ def cli(refd, tmp_path_factory):
     """cli(client, *args): a docker CLI peer against the reference daemon."""
     configs = tmp_path_factory.mktemp("cli-config")
 
-    def run(client: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    def run(client: str, *args: str, env_extra: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DOCKER_", "BUILDKIT_", "BUILDX_"))}
-        env.update(peers.client_env(client, str(configs / client)), DOCKER_HOST=refd.host)
+        env.update(peers.client_env(client, str(configs / client)), DOCKER_HOST=refd.host, **(env_extra or {}))
         return subprocess.run([peers.binary(client), *args], env=env, capture_output=True, text=True,
                               timeout=120, **kwargs)
     return run
@@ -159,6 +159,16 @@ def test_run_and_create_say_the_daemon_runs_no_containers(cli, image, peer):
         assert proc.returncode != 0, proc.stdout
         assert "not supported by the reference daemon: POST /containers/create" in proc.stderr, proc.stderr
         assert "runs no containers" in proc.stderr and "Unable to find image" not in proc.stderr, proc.stderr
+
+
+def test_the_classic_builder_is_refused_saying_why(cli, tmp_path):
+    """DOCKER_BUILDKIT=0: the docker CLI 20.10 uploads the context as the body of POST /build (no session)."""
+    write_file(str(tmp_path), "Dockerfile", b"FROM scratch\n")
+    proc = cli("docker-cli-20.10", "build", str(tmp_path), env_extra={"DOCKER_BUILDKIT": "0"})
+    assert proc.returncode != 0, proc.stdout
+    assert "not supported by the reference daemon: the classic builder (DOCKER_BUILDKIT=0)" in proc.stderr, \
+        proc.stdout + proc.stderr
+    assert "remote ''" not in proc.stderr, proc.stderr
 
 
 UNSERVED = [

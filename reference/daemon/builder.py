@@ -81,6 +81,10 @@ class BuildOptions:
         remote = request.param("remote", "") or ""
         if version not in ("1", "2"):
             raise BadRequest(f"unsupported builder version {version!r}")
+        if not remote:  # the context is the request body: the classic builder (DOCKER_BUILDKIT=0) or an upload
+            kind = "the classic builder (DOCKER_BUILDKIT=0)" if version == "1" else "a build whose context is the body"
+            raise BadRequest(f"not supported by the reference daemon: {kind}; it builds with BuildKit over a client "
+                             f"session (DOCKER_BUILDKIT=1 docker build, or docker buildx build)")
         if remote != "client-session":
             raise BadRequest(f"remote {remote!r} is not supported by this daemon (use a client session)")
         session_id = request.param("session", "") or ""
