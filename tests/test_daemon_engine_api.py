@@ -20,13 +20,9 @@ from test_daemon import RefDaemon  # noqa: E402  (same tests directory)
 CLIENTS = ("docker-cli-20.10", "docker-cli-26.1")
 
 
-def _missing_clients() -> str | None:
-    absent = [name for name in CLIENTS if not os.path.exists(peers.binary(name))]
-    return f"docker CLI peers not installed: {', '.join(absent)} (python -m conformance.peers install)" \
-        if absent else None
-
-
-pytestmark = pytest.mark.skipif(_missing_clients() is not None, reason=_missing_clients() or "")
+@pytest.fixture(autouse=True, scope="module")
+def _clients_installed():
+    realpeers.require_docker(*CLIENTS)  # skips on a developer machine without them, fails on CI
 
 
 @pytest.fixture(scope="module")
