@@ -281,20 +281,19 @@ class EngineApi:
         exchange.json(200, [self.images.summary(image) for image in self.images.all_images()])
 
     def image_inspect(self, request: Request, exchange: Exchange, name: str) -> None:
-        try:
-            image = self.images.get(name)
-        except ImageNotFound as exc:
-            exchange.error(404, str(exc))
-            return
-        exchange.json(200, self.images.inspect(image))
+        self._image_view(exchange, name, self.images.inspect)
 
     def image_history(self, request: Request, exchange: Exchange, name: str) -> None:
+        self._image_view(exchange, name, self.images.history)
+
+    def _image_view(self, exchange: Exchange, name: str, view) -> None:
+        """``view(image)`` as JSON, or dockerd's 404 for a name that is no image."""
         try:
             image = self.images.get(name)
         except ImageNotFound as exc:
             exchange.error(404, str(exc))
             return
-        exchange.json(200, self.images.history(image))
+        exchange.json(200, view(image))
 
     def image_tag(self, request: Request, exchange: Exchange, name: str) -> None:
         repo, tag = request.param("repo") or "", request.param("tag") or ""
