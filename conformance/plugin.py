@@ -645,6 +645,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    from .targets import WARM_CLIENTS
+
+    WARM_CLIENTS.close()
     scratch.RUN.close()
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from reference.dockerhost import api_call
 
 from . import peers
+from .harness.warm_client import WarmClientLauncher
 from .identify import (
     Identity, family_of, identify_client_from_requests, identify_client_from_version, identify_daemon,
 )
@@ -53,6 +54,7 @@ class ClientSpec:
     env: tuple[tuple[str, str], ...] = ()
     peer: str | None = None  # a client of the peers catalogue (its plugins are linked into DOCKER_CONFIG)
     implementation: str | None = None  # known without a probe (the embedded reference clients)
+    warm: bool = False  # an embedded reference client: run from a warm interpreter (harness/warm_client.py)
 
     @property
     def id(self) -> str:
@@ -97,6 +99,8 @@ EMBEDDED_N_PLUS_1_TIMERS = ("--health-interval", "0.25", "--health-timeout", "3"
 # The embedded clients' grace after a failed step whose build never ends (the reference client's default,
 # 20 s, is what a user waits; TIMEOUT-5 only asks for an end within its bound).
 EMBEDDED_CLIENT_HANG_TIMEOUT = 0.5
+# The launcher of the embedded clients' runs, one per process; the plugin closes it at pytest_unconfigure.
+WARM_CLIENTS = WarmClientLauncher()
 
 
 # One embedded pair per generation; generation n runs on the grpcio transport, so that the independent
@@ -110,11 +114,11 @@ def embedded_daemon_specs() -> list[DaemonSpec]:
 def embedded_client_specs() -> list[ClientSpec]:
     grace = EMBEDDED_CLIENT_HANG_TIMEOUT
     return [ClientSpec("reference-n-1", reference_client_command("n-1", hang_timeout=grace), "n-1",
-                       implementation="reference-client 0.1 (n-1)"),
+                       implementation="reference-client 0.1 (n-1)", warm=True),
             ClientSpec("reference-n-grpcio", reference_client_command("n", "grpcio", hang_timeout=grace), "n",
-                       implementation="reference-client 0.1 (n) via grpcio"),
+                       implementation="reference-client 0.1 (n) via grpcio", warm=True),
             ClientSpec("reference-n+1", reference_client_command("n+1", hang_timeout=grace), "n+1",
-                       implementation="reference-client 0.1 (n+1)")]
+                       implementation="reference-client 0.1 (n+1)", warm=True)]
 
 
 class _Identified:
@@ -287,6 +291,15 @@ class ClientTarget(_Identified):
             full_env.update(peers.client_env(self.spec.peer, full_env["DOCKER_CONFIG"]))
         argv = self.argv(context, list(extra_args))
         started = time.monotonic()
+        if self.spec.warm and WARM_CLIENTS.handles(argv):
+            try:
+                done = WARM_CLIENTS.run(argv, full_env, timeout)
+            finally:
+                if own_config:
+                    shutil.rmtree(own_config, ignore_errors=True)
+            stderr = done.stderr + (f"\n<timed out after {timeout} s>" if done.timed_out else "")
+            return ClientRun(-9 if done.timed_out else done.returncode, done.stdout, stderr,
+                             time.monotonic() - started, argv, tuple(extra_args))
         try:
             proc = subprocess.run(argv, env=full_env, capture_output=True, timeout=timeout, text=True)
             return ClientRun(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started, argv,
