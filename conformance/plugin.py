@@ -289,7 +289,8 @@ def daemon(request: pytest.FixtureRequest, _daemon_pool):
         else:
             target = start_reference_daemon(spec)
         _daemon_pool[spec] = target
-        if not _is_external(spec):  # a daemon this process started: its own to clean
+        if not _is_external(spec) and target.root is None:  # a daemon this process started: its own to clean
+            # (an embedded reference daemon needs no cleaning: its whole root goes when it stops)
             _snapshot_of(request.config, spec, target.host, target.implementation)
     if not target.alive() and target.private_peer is not None:
         # A private real peer is disposable: a destructive case may have crashed it (dockerd 20.10.24 dies of a

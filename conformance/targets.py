@@ -93,9 +93,11 @@ def peer_daemon_spec(name: str, generation: str = "auto") -> DaemonSpec:
 #     checks every 0.25 s, 3 s deadline, 0.25 + 0.25 s session wait.
 # The cases wait on the interval and the session waits, never on a deadline: the deadlines stay long enough
 # for a client that is slow to answer on a loaded machine (-n auto beside real daemons).
-EMBEDDED_N_TIMERS = ("--health-interval", "0.25", "--health-timeout", "5", "--session-wait", "0.5")
-EMBEDDED_N_PLUS_1_TIMERS = ("--health-interval", "0.25", "--health-timeout", "3",
-                            "--session-wait", "0.25", "--session-group-wait", "0.25")
+# Their roots go when they stop, so they write them without fsync.
+EMBEDDED_N_DAEMON_ARGS = ("--health-interval", "0.25", "--health-timeout", "5", "--session-wait", "0.5",
+                          "--no-fsync")
+EMBEDDED_N_PLUS_1_DAEMON_ARGS = ("--health-interval", "0.25", "--health-timeout", "3",
+                                 "--session-wait", "0.25", "--session-group-wait", "0.25", "--no-fsync")
 # The embedded clients' grace after a failed step whose build never ends (the reference client's default,
 # 20 s, is what a user waits; TIMEOUT-5 only asks for an end within its bound).
 EMBEDDED_CLIENT_HANG_TIMEOUT = 0.5
@@ -106,9 +108,9 @@ WARM_CLIENTS = WarmClientLauncher()
 # One embedded pair per generation; generation n runs on the grpcio transport, so that the independent
 # second gRPC stack is graded by the whole suite too (the transports are orthogonal to the generations).
 def embedded_daemon_specs() -> list[DaemonSpec]:
-    return [DaemonSpec("reference-n-1", generation="n-1", daemon_args=EMBEDDED_N_TIMERS),
-            DaemonSpec("reference-n-grpcio", generation="n", transport="grpcio", daemon_args=EMBEDDED_N_TIMERS),
-            DaemonSpec("reference-n+1", generation="n+1", daemon_args=EMBEDDED_N_PLUS_1_TIMERS)]
+    return [DaemonSpec("reference-n-1", generation="n-1", daemon_args=EMBEDDED_N_DAEMON_ARGS),
+            DaemonSpec("reference-n-grpcio", generation="n", transport="grpcio", daemon_args=EMBEDDED_N_DAEMON_ARGS),
+            DaemonSpec("reference-n+1", generation="n+1", daemon_args=EMBEDDED_N_PLUS_1_DAEMON_ARGS)]
 
 
 def embedded_client_specs() -> list[ClientSpec]:

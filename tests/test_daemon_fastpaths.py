@@ -448,3 +448,19 @@ def test_cli_unchanged_rebuild_and_cold_after_prune(tmp_path):
             assert "sha256:" + hashlib.sha256(fh.read()).hexdigest() == cold_layers[0]
     finally:
         d.close()
+
+
+@pytest.mark.parametrize("size", [0, 1, (1 << 20) - 1, 1 << 20, (1 << 20) + 1, 6 * (1 << 20) + 12345])
+def test_layer_sink_writes_and_digests_every_byte_in_order(tmp_path, size):
+    """One chunk is digested in place, more go through the digest thread with at most 4 chunks in flight."""
+    from reference.daemon.fsops import _DigestingSink
+
+    data = random.Random(size).randbytes(size)
+    with open(tmp_path / "layer", "wb") as fh:
+        sink = _DigestingSink(fh.fileno())
+        for start in range(0, size, 300_001):  # writes that straddle the chunks
+            sink.write(data[start:start + 300_001])
+        digest = sink.finish()
+    assert digest == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert (tmp_path / "layer").read_bytes() == data and sink.size == size
+    assert sink._allocated <= 4

@@ -102,9 +102,9 @@ def test_a_daemon_without_the_session_protocol_gets_one_preflight_verdict(tmp_pa
 
 
 def test_a_generation_n_daemon_graded_as_n_plus_1_gets_one_generation_verdict(tmp_path):
-    from conformance.targets import DaemonSpec, EMBEDDED_N_TIMERS, start_reference_daemon
+    from conformance.targets import DaemonSpec, EMBEDDED_N_DAEMON_ARGS, start_reference_daemon
 
-    target = start_reference_daemon(DaemonSpec("n", generation="n", daemon_args=EMBEDDED_N_TIMERS))
+    target = start_reference_daemon(DaemonSpec("n", generation="n", daemon_args=EMBEDDED_N_DAEMON_ARGS))
     try:
         tests = _suite(tmp_path, "--pyargs", "conformance.test_daemon_preflight", "conformance.test_daemon_transfer",
                        "conformance.test_daemon_export", "--daemon-under-test", target.host,

@@ -635,10 +635,10 @@ class DaemonTiming:
         dockerd 20.10.24 dies 2.5-3.4 s after the stream (its content hash recursing): a real daemon is
         watched for 6 s. The embedded reference daemon (declared timers) rejects the listing before the build
         ends, and what it still does with the session afterwards (dropping it, at a health tick) is over
-        within one health interval: it is watched for that long, at least 0.5 s."""
+        within one health interval: it is watched for that long, at least 0.25 s."""
         if not self.declared:
             return 6.0
-        return max(0.5, self.health_interval)
+        return max(0.25, self.health_interval)
 
     def tick_after(self, opened_at: float, moment: float) -> float:
         """The first health-check tick at or after ``moment`` for a session upgraded at ``opened_at``

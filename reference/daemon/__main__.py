@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-max-size", type=int, default=512 << 20, help="bytes")
     parser.add_argument("--cache-max-age", type=float, default=7 * 24 * 3600.0, help="seconds")
     parser.add_argument("--gc-interval", type=float, default=300.0, help="seconds")
+    parser.add_argument("--no-fsync", action="store_true",
+                        help="write the context cache and image store without syncing them to disk: faster, and "
+                             "lost in a crash; for a root thrown away after use (the conformance suite's embedded "
+                             "daemons)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -55,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = DaemonConfig(
             root=args.root, generation=args.generation, transport=args.transport,
-            stall_timeout=args.stall_timeout, session_wait=args.session_wait,
+            stall_timeout=args.stall_timeout, fsync=not args.no_fsync, session_wait=args.session_wait,
             session_group_wait=args.session_group_wait, health_first=args.health_first,
             health_interval=args.health_interval, health_timeout=args.health_timeout,
             max_message_size=args.max_message_size, max_path_length=args.max_path_length,

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
 from ..applier import remove_tree
+from .atomicfile import AtomicFiles
 from .listing import TreeListing
 
 log = logging.getLogger("reference.daemon.cache")
@@ -53,26 +54,6 @@ RECORD_TYPE = "source.local"
 def new_record_id() -> str:
     """25 base-36 characters, the shape of BuildKit's record ids."""
     return "".join(secrets.choice(_ID_ALPHABET) for _ in range(25))
-
-
-def _write_atomic(path: str, data: bytes, *, durable: bool = True) -> None:
-    tmp = f"{path}.{secrets.token_hex(4)}.tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        if durable:
-            fh.flush()
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    if durable:
-        _fsync_dir(os.path.dirname(path))
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def remove_quietly(path: str) -> bool:
@@ -98,8 +79,9 @@ class EntryMeta:
 
 
 class CacheEntry:
-    def __init__(self, base: str, meta: EntryMeta, complete: bool):
+    def __init__(self, base: str, meta: EntryMeta, complete: bool, files: AtomicFiles):
         self.base = base
+        self.files = files
         self.meta = meta
         self.complete = complete
         self.in_use = False
@@ -119,7 +101,7 @@ class CacheEntry:
         return os.path.join(self.base, "complete")
 
     @classmethod
-    def load(cls, base: str, name: str) -> "CacheEntry":
+    def load(cls, base: str, name: str, files: AtomicFiles) -> "CacheEntry":
         """The entry stored at ``base``; ValueError (with the reason) when it is damaged or partial."""
         try:
             with open(os.path.join(base, "meta.json"), "rb") as fh:
@@ -152,10 +134,10 @@ class CacheEntry:
             os.makedirs(tree, mode=0o755)
         # A partial entry (a sync that never completed) stays as a dangling record: its
         # tree is only ever a diff base, walked afresh, so the next sync corrects it exactly.
-        return cls(base, EntryMeta(**meta), complete)
+        return cls(base, EntryMeta(**meta), complete, files)
 
     def save_meta(self, *, durable: bool = True) -> None:
-        _write_atomic(os.path.join(self.base, "meta.json"), json.dumps(asdict(self.meta)).encode(), durable=durable)
+        self.files.write(os.path.join(self.base, "meta.json"), json.dumps(asdict(self.meta)).encode(), durable=durable)
 
 
 class Lease:
@@ -202,7 +184,7 @@ class Lease:
         self.entry.listing = None
         if self.entry.complete:
             os.unlink(self.entry.marker)
-            _fsync_dir(self.entry.base)
+            self.entry.files.sync_directory(self.entry.base)
             self.entry.complete = False
 
     def sync_complete(self) -> None:
@@ -213,7 +195,7 @@ class Lease:
         entry.listing.diff_base()
         entry.meta.size = entry.listing.size()
         entry.save_meta()
-        _write_atomic(entry.marker, b"complete\n")
+        entry.files.write(entry.marker, b"complete\n")
         entry.complete = True
 
     def release(self) -> None:
@@ -229,8 +211,9 @@ class Lease:
 
 
 class ContextCache:
-    def __init__(self, directory: str, *, max_size: int, max_age: float):
+    def __init__(self, directory: str, *, max_size: int, max_age: float, durable: bool = True):
         self.directory = directory
+        self.files = AtomicFiles(durable=durable)
         self.max_size = max_size
         self.max_age = max_age
         self._lock = threading.Lock()
@@ -252,7 +235,7 @@ class ContextCache:
             try:
                 if os.path.islink(base) or not os.path.isdir(base):
                     raise ValueError("not a directory")
-                entry = CacheEntry.load(base, name)
+                entry = CacheEntry.load(base, name, self.files)
             except ValueError as exc:
                 log.warning("dropping cache entry %s: %s", name, exc)
                 remove_quietly(base)
@@ -276,7 +259,8 @@ class ContextCache:
                 record_id = new_record_id()
                 base = os.path.join(self.directory, record_id)
                 os.makedirs(os.path.join(base, "tree"), mode=0o755)
-                entry = CacheEntry(base, EntryMeta(record_id, shared_key, dir_name, purpose, now, now), False)
+                entry = CacheEntry(base, EntryMeta(record_id, shared_key, dir_name, purpose, now, now), False,
+                                   self.files)
                 entry.save_meta()
                 self._entries[record_id] = entry
             entry.in_use = True

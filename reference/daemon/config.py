@@ -112,6 +112,7 @@ class DaemonConfig:
     health_timeout: float | None = None
     # A file transfer with no message from the peer for this long fails.
     stall_timeout: float = 60.0
+    fsync: bool = True  # False: the root's state may be lost in a crash (a root thrown away after the run)
     # Context cache garbage collection (the 2017 fscache defaults).
     cache_max_size: int = 512 << 20
     cache_max_age: float = 7 * 24 * 3600.0

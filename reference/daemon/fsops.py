@@ -370,16 +370,26 @@ class _DigestingSink:
         self._fd = fd
         self.size = 0
         self._digest = hashlib.sha256()
+        # chunks and the helper thread come when needed: most layers of a build fit in one chunk, which
+        # finish() digests in place, without a thread (starting one, and zeroing 4 MiB, dominated small layers)
         self._free: "queue.SimpleQueue[bytearray]" = queue.SimpleQueue()
-        for _ in range(_LAYER_BUFFERS):
-            self._free.put(bytearray(_LAYER_CHUNK))
+        self._allocated = 0
         self._todo: "queue.SimpleQueue[tuple[bytearray, int] | None]" = queue.SimpleQueue()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._digest_loop, name="layer-digest", daemon=True)
-        self._thread.start()
-        self._chunk = self._free.get()
+        self._thread: threading.Thread | None = None
+        self._chunk = self._next_chunk()
         self._view = memoryview(self._chunk)
         self._used = 0
+
+    def _next_chunk(self) -> bytearray:
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            pass
+        if self._allocated < _LAYER_BUFFERS:
+            self._allocated += 1
+            return bytearray(_LAYER_CHUNK)
+        return self._free.get()  # all in flight: wait for the digest to hand one back
 
     def _digest_loop(self) -> None:
         while True:
@@ -394,16 +404,24 @@ class _DigestingSink:
                 self._error = exc
             self._free.put(chunk)
 
-    def _ship(self) -> None:
-        """Write the current chunk out, hand it to the digest, take a free one."""
+    def _ship(self, *, last: bool = False) -> None:
+        """Write the current chunk out, hand it to the digest, take a free one (none after the last)."""
         view = self._view[: self._used]
         while view:
             view = view[os.write(self._fd, view):]
         self.size += self._used
+        if last and self._thread is None:  # the whole layer was one chunk
+            self._digest.update(self._view[: self._used])
+            self._used = 0
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._digest_loop, name="layer-digest", daemon=True)
+            self._thread.start()
         self._todo.put((self._chunk, self._used))
-        self._chunk = self._free.get()
-        self._view = memoryview(self._chunk)
         self._used = 0
+        if not last:
+            self._chunk = self._next_chunk()
+            self._view = memoryview(self._chunk)
 
     def write(self, data: bytes) -> None:
         data = memoryview(data)
@@ -433,17 +451,20 @@ class _DigestingSink:
                 self._ship()
 
     def finish(self) -> str:
-        if self._used:
-            self._ship()
-        self._todo.put(None)
-        self._thread.join()
+        self._ship(last=True)
+        self._stop_thread()
         if self._error is not None:
             raise self._error
         return "sha256:" + self._digest.hexdigest()
 
     def abort(self) -> None:
-        self._todo.put(None)
-        self._thread.join()
+        self._stop_thread()
+
+    def _stop_thread(self) -> None:
+        if self._thread is not None:
+            self._todo.put(None)
+            self._thread.join()
+            self._thread = None
 
     def tell(self) -> int:
         return self.size + self._used

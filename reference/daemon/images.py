@@ -12,10 +12,11 @@ import json
 import logging
 import os
 import re
-import secrets
 import threading
 import time
 from dataclasses import dataclass
+
+from .atomicfile import AtomicFiles
 
 # name[:tag], the subset of distribution's reference grammar that local tags use
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]*)[a-z0-9]+)*"
@@ -58,15 +59,6 @@ def normalize_tag(reference: str) -> str:
     return f"{name}:{tag}"
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.{secrets.token_hex(4)}.tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 @dataclass
 class Image:
     id: str
@@ -77,8 +69,9 @@ class Image:
 
 
 class ImageStore:
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, *, durable: bool = True):
         self.directory = directory
+        self._files = AtomicFiles(durable=durable)
         self.layers = os.path.join(directory, "layers")
         self.configs = os.path.join(directory, "configs")
         self._tags_path = os.path.join(directory, "tags.json")
@@ -133,14 +126,14 @@ class ImageStore:
     def remember_step(self, key: str, diff_id: str | None, size: int) -> None:
         with self._lock:
             self._steps[key] = {"diff_id": diff_id, "size": size}
-            _write_atomic(self._steps_path, json.dumps(self._steps).encode())
+            self._files.write(self._steps_path, json.dumps(self._steps).encode())
 
     def forget_steps(self) -> int:
         """Drop the whole step cache (``docker builder prune -a``); layers stay with their images."""
         with self._lock:
             count = len(self._steps)
             self._steps = {}
-            _write_atomic(self._steps_path, b"{}")
+            self._files.write(self._steps_path, b"{}")
         return count
 
     def add_image(self, config: dict, build_key: str | None = None) -> str:
@@ -155,16 +148,16 @@ class ImageStore:
             image_id = "sha256:" + hashlib.sha256(data).hexdigest()
             path = self._config_path(image_id)
             if not os.path.exists(path):
-                _write_atomic(path, data)
+                self._files.write(path, data)
             if build_key is not None:
                 self._build_keys[build_key] = image_id
-                _write_atomic(self._keys_path, json.dumps(self._build_keys).encode())
+                self._files.write(self._keys_path, json.dumps(self._build_keys).encode())
             return image_id
 
     def tag(self, image_id: str, reference: str) -> None:
         with self._lock:
             self._tags[normalize_tag(reference)] = image_id
-            _write_atomic(self._tags_path, json.dumps(self._tags, sort_keys=True).encode())
+            self._files.write(self._tags_path, json.dumps(self._tags, sort_keys=True).encode())
 
     # -- reading ------------------------------------------------------------
     def _config_path(self, image_id: str) -> str:
@@ -234,14 +227,14 @@ class ImageStore:
                 for t in [t for t, i in self._tags.items() if i == image_id]:
                     del self._tags[t]
                     deleted.append({"Untagged": t})
-            _write_atomic(self._tags_path, json.dumps(self._tags, sort_keys=True).encode())
+            self._files.write(self._tags_path, json.dumps(self._tags, sort_keys=True).encode())
             if image_id not in self._tags.values():
                 try:
                     os.unlink(self._config_path(image_id))
                 except FileNotFoundError:
                     pass
                 self._build_keys = {k: v for k, v in self._build_keys.items() if v != image_id}
-                _write_atomic(self._keys_path, json.dumps(self._build_keys).encode())
+                self._files.write(self._keys_path, json.dumps(self._build_keys).encode())
                 deleted.append({"Deleted": image_id})
         return deleted
 

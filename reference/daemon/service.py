@@ -43,8 +43,9 @@ class Daemon:
             log.warning("could not remove %s of a previous run: %s", config.path("tmp"), exc)
         os.makedirs(config.path("tmp"), mode=0o700, exist_ok=True)
         self.sessions = SessionManager(config)
-        self.cache = ContextCache(config.path("cache"), max_size=config.cache_max_size, max_age=config.cache_max_age)
-        self.images = ImageStore(config.path("images"))
+        self.cache = ContextCache(config.path("cache"), max_size=config.cache_max_size, max_age=config.cache_max_age,
+                                  durable=config.fsync)
+        self.images = ImageStore(config.path("images"), durable=config.fsync)
         self.builder = Builder(config, self.sessions, self.cache, self.images)
         self.grpc = None
         if config.profile.control_api:  # POST /grpc: the same builder, cache and images behind the Control API
