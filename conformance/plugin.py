@@ -28,13 +28,23 @@ from . import catalogue, cleanup, outcomes, preflight
 from .identify import families_of
 from . import scratch
 from .targets import (
-    PEER_PREFIX, ClientSpec, ClientTarget, DaemonSpec, attach_daemon, embedded_client_specs,
+    DEFAULT_EMBEDDED_GENERATIONS, PEER_PREFIX, WARM_CLIENTS, ClientSpec, embedded_generations, ClientTarget, DaemonSpec, attach_daemon, embedded_client_specs,
     embedded_daemon_specs, identify_client, peer_client_spec, peer_daemon_spec, start_peer_daemon,
-    start_reference_daemon,
+    start_reference_daemons,
 )
 
 _RESULTS_KEY = pytest.StashKey[list]()
+_EMBEDDED_DAEMONS_KEY = pytest.StashKey[list]()  # the embedded daemons the selected cases use
 _STARTED_KEY = pytest.StashKey[tuple]()  # (wall clock, monotonic) when the run started
+
+
+def _embedded_generations_option(value: str) -> tuple[str, ...]:
+    import argparse
+
+    try:
+        return embedded_generations(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -70,6 +80,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "what was not there when the run attached is removed when it ends)")
     group.addoption("--conformance-profile", default=os.environ.get("SESSION_CONFORMANCE_PROFILE", "fast"),
                     choices=["fast", "thorough"])
+    group.addoption("--embedded-generations", type=_embedded_generations_option,
+                    default=os.environ.get("SESSION_EMBEDDED_GENERATIONS", DEFAULT_EMBEDDED_GENERATIONS),
+                    metavar="GEN[,GEN...]|all",
+                    help="the generations of the embedded reference pairs tested when no target is given "
+                         f"(default {DEFAULT_EMBEDDED_GENERATIONS}, the two that real Docker has; all adds n-1, "
+                         "the 2017 design)")
 
 
 # Every marker of conformance/ and tests/ (pytest-timeout registers its own): registered here, so an installed
@@ -108,7 +124,7 @@ def daemon_specs(config: pytest.Config) -> list[DaemonSpec]:
         return [peer_daemon_spec(url[len(PEER_PREFIX):], generation)]
     if url:
         return [DaemonSpec("under-test", url=url, generation=generation)]
-    return embedded_daemon_specs()
+    return embedded_daemon_specs(config.getoption("embedded_generations"))
 
 
 def client_specs(config: pytest.Config, *, pair: bool) -> list[ClientSpec | None]:
@@ -120,7 +136,7 @@ def client_specs(config: pytest.Config, *, pair: bool) -> list[ClientSpec | None
         return [ClientSpec("under-test", command, generation)]
     if config.getoption("daemon_under_test") and not pair:
         return [None]  # client-role tests have nothing to test when only a daemon is under test
-    return embedded_client_specs()
+    return embedded_client_specs(config.getoption("embedded_generations"))
 
 
 def _owns_fixture(fixtureinfo, name: str) -> bool:
@@ -286,13 +302,16 @@ def daemon(request: pytest.FixtureRequest, _daemon_pool):
             target = start_peer_daemon(spec)
         elif spec.url:
             target = attach_daemon(spec)
-        else:
-            target = start_reference_daemon(spec)
+        else:  # the first embedded daemon a case needs: start every one the run's cases need, side by side
+            wanted = [s for s in request.config.stash.get(_EMBEDDED_DAEMONS_KEY, []) if s not in _daemon_pool]
+            for started in start_reference_daemons(wanted if spec in wanted else [spec]):
+                _daemon_pool[started.spec] = started
+            target = _daemon_pool[spec]
         _daemon_pool[spec] = target
         if not _is_external(spec) and target.root is None:  # a daemon this process started: its own to clean
             # (an embedded reference daemon needs no cleaning: its whole root goes when it stops)
             _snapshot_of(request.config, spec, target.host, target.implementation)
-    if not target.alive() and target.private_peer is not None:
+    if target.private_peer is not None and not target.alive():
         # A private real peer is disposable: a destructive case may have crashed it (dockerd 20.10.24 dies of a
         # bare ".."), and the cases after it deserve a daemon.
         died = target.logs()
@@ -301,7 +320,7 @@ def daemon(request: pytest.FixtureRequest, _daemon_pool):
         target.restarted_after = died[-2000:]
         _snapshot_of(request.config, spec, target.host, target.implementation)
     is_preflight = request.node.get_closest_marker("preflight") is not None
-    if not is_preflight and not target.alive():
+    if not is_preflight and not target.alive(ping=False):
         pytest.fail(f"daemon {spec.name} is not answering (it died in an earlier case):\n{target.logs()}")
     if not is_preflight:
         _apply_generation_preflight(request, target)
@@ -426,6 +445,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: item.get_closest_marker("preflight") is None)  # stable: the pre-flight first
     if any(str(item.path).startswith(_PACKAGE_DIR + os.sep) for item in items):
         scratch.RUN.open()  # the run's temporary files, removed at pytest_unconfigure
+    params = [getattr(item, "callspec", None) and item.callspec.params.get("daemon") for item in items]
+    config.stash[_EMBEDDED_DAEMONS_KEY] = list(dict.fromkeys(
+        p for p in params if isinstance(p, DaemonSpec) and not p.peer and not p.url))
+    if not config.option.collectonly and any(
+            isinstance(getattr(item, "callspec", None) and item.callspec.params.get("client"), ClientSpec)
+            and item.callspec.params["client"].warm for item in items):
+        WARM_CLIENTS.start()  # it imports the client meanwhile: ready by the first client case
     for item in items:
         if item.get_closest_marker("destructive") and not config.getoption("allow_destructive"):
             daemon_param = getattr(item, "callspec", None) and item.callspec.params.get("daemon")
@@ -538,7 +564,8 @@ _RECORD_PROPERTY = "conformance-record"
 _RERUN_OPTIONS = (("daemon_under_test", "--daemon-under-test", None), ("client_under_test", "--client-under-test", None),
                   ("daemon_generation", "--daemon-generation", "auto"),
                   ("client_generation", "--client-generation", "auto"),
-                  ("known_deviations", "--known-deviations", "on"), ("conformance_profile", "--conformance-profile", "fast"))
+                  ("known_deviations", "--known-deviations", "on"), ("conformance_profile", "--conformance-profile", "fast"),
+                  ("embedded_generations", "--embedded-generations", embedded_generations(DEFAULT_EMBEDDED_GENERATIONS)))
 
 
 def rerun_command(item: pytest.Item, seed: str | None = None) -> str:
@@ -558,7 +585,7 @@ def rerun_command(item: pytest.Item, seed: str | None = None) -> str:
     for name, flag, default in _RERUN_OPTIONS:
         value = config.getoption(name)
         if value not in (None, default):
-            argv += [flag, str(value)]
+            argv += [flag, ",".join(value) if isinstance(value, tuple) else str(value)]
     if config.getoption("allow_destructive"):
         argv.append("--allow-destructive")
     seed = seed or config.getoption("hypothesis_seed", None)
@@ -646,8 +673,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    from .targets import WARM_CLIENTS
-
     WARM_CLIENTS.close()
     scratch.RUN.close()
 

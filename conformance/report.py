@@ -78,7 +78,7 @@ def write_reports(report_dir: str, results: list[dict], config, preflight: list[
     summary["run"] = dict(run or {})
     options = {k: config.getoption(k) for k in ("daemon_under_test", "client_under_test", "daemon_generation",
                                                "client_generation", "known_deviations", "allow_destructive",
-                                               "conformance_profile")}
+                                               "conformance_profile", "embedded_generations")}
     with open(os.path.join(report_dir, "results.json"), "w") as fh:
         json.dump({"options": options, **summary, "tests": results}, fh, indent=2, sort_keys=True)
     with open(os.path.join(report_dir, "summary.md"), "w") as fh:

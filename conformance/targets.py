@@ -107,20 +107,39 @@ WARM_CLIENTS = WarmClientLauncher()
 
 # One embedded pair per generation; generation n runs on the grpcio transport, so that the independent
 # second gRPC stack is graded by the whole suite too (the transports are orthogonal to the generations).
-def embedded_daemon_specs() -> list[DaemonSpec]:
-    return [DaemonSpec("reference-n-1", generation="n-1", daemon_args=EMBEDDED_N_DAEMON_ARGS),
-            DaemonSpec("reference-n-grpcio", generation="n", transport="grpcio", daemon_args=EMBEDDED_N_DAEMON_ARGS),
-            DaemonSpec("reference-n+1", generation="n+1", daemon_args=EMBEDDED_N_PLUS_1_DAEMON_ARGS)]
+# By default the generations real Docker has (20.10, 26.1); n-1, the 2017 design, has no real peer, and the main
+# job leaves it out (--embedded-generations all; ./run-tests and the interop matrix run it).
+EMBEDDED_GENERATIONS = ("n-1", "n", "n+1")
+DEFAULT_EMBEDDED_GENERATIONS = "n,n+1"
 
 
-def embedded_client_specs() -> list[ClientSpec]:
+def embedded_generations(value: str) -> tuple[str, ...]:
+    """The --embedded-generations value: a comma-separated list of generations, or all."""
+    if value.strip() == "all":
+        return EMBEDDED_GENERATIONS
+    chosen = tuple(part.strip() for part in value.split(",") if part.strip())
+    unknown = [g for g in chosen if g not in EMBEDDED_GENERATIONS]
+    if unknown or not chosen:
+        raise ValueError(f"unknown generation(s) {', '.join(unknown) or value!r}: use n-1, n, n+1 or all")
+    return tuple(g for g in EMBEDDED_GENERATIONS if g in chosen)
+
+
+def embedded_daemon_specs(generations: tuple[str, ...] = EMBEDDED_GENERATIONS) -> list[DaemonSpec]:
+    specs = [DaemonSpec("reference-n-1", generation="n-1", daemon_args=EMBEDDED_N_DAEMON_ARGS),
+             DaemonSpec("reference-n-grpcio", generation="n", transport="grpcio", daemon_args=EMBEDDED_N_DAEMON_ARGS),
+             DaemonSpec("reference-n+1", generation="n+1", daemon_args=EMBEDDED_N_PLUS_1_DAEMON_ARGS)]
+    return [spec for spec in specs if spec.generation in generations]
+
+
+def embedded_client_specs(generations: tuple[str, ...] = EMBEDDED_GENERATIONS) -> list[ClientSpec]:
     grace = EMBEDDED_CLIENT_HANG_TIMEOUT
-    return [ClientSpec("reference-n-1", reference_client_command("n-1", hang_timeout=grace), "n-1",
-                       implementation="reference-client 0.1 (n-1)", warm=True),
-            ClientSpec("reference-n-grpcio", reference_client_command("n", "grpcio", hang_timeout=grace), "n",
-                       implementation="reference-client 0.1 (n) via grpcio", warm=True),
-            ClientSpec("reference-n+1", reference_client_command("n+1", hang_timeout=grace), "n+1",
-                       implementation="reference-client 0.1 (n+1)", warm=True)]
+    specs = [ClientSpec("reference-n-1", reference_client_command("n-1", hang_timeout=grace), "n-1",
+                        implementation="reference-client 0.1 (n-1)", warm=True),
+             ClientSpec("reference-n-grpcio", reference_client_command("n", "grpcio", hang_timeout=grace), "n",
+                        implementation="reference-client 0.1 (n) via grpcio", warm=True),
+             ClientSpec("reference-n+1", reference_client_command("n+1", hang_timeout=grace), "n+1",
+                        implementation="reference-client 0.1 (n+1)", warm=True)]
+    return [spec for spec in specs if spec.generation in generations]
 
 
 class _Identified:
@@ -167,12 +186,15 @@ class DaemonTarget(_Identified):
 
         return daemon_timing(self)
 
-    def alive(self) -> bool:
-        """Whether the daemon still answers (a destructive case may have killed it)."""
+    def alive(self, *, ping: bool = True) -> bool:
+        """Whether the daemon still answers (a destructive case may have killed it); ``ping=False``: for a daemon
+        this run started, only whether its process still runs (what the fixture asks before every case)."""
         if self.private_peer is not None and self.private_peer.process.poll() is not None:
             return False
         if self.process is not None and self.process.poll() is not None:
             return False
+        if not ping and self.process is not None:
+            return True
         try:
             resp, _ = api_call("GET", "/_ping", host=self.host)
             return resp.status == 200
@@ -207,27 +229,44 @@ def identify(host: str) -> str:
 
 
 def start_reference_daemon(spec: DaemonSpec, timeout: float = 30.0) -> DaemonTarget:
-    root = tempfile.mkdtemp(prefix="conf-d-", dir="/tmp")
-    sock = os.path.join(root, "d.sock")
-    log_path = os.path.join(root, "daemon.log")
-    log = open(log_path, "wb")
-    cmd = [sys.executable, "-m", "reference.daemon", "--host", f"unix://{sock}", "--root", os.path.join(root, "root"),
-           "--generation", spec.generation, "--transport", spec.transport, *spec.daemon_args]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()
-    host = f"unix://{sock}"
-    target = DaemonTarget(spec, host, "reference-daemon", proc, root, log_path)
-    deadline = time.monotonic() + timeout
+    return start_reference_daemons([spec], timeout)[0]
+
+
+def start_reference_daemons(specs: list[DaemonSpec], timeout: float = 30.0) -> list[DaemonTarget]:
+    """Embedded reference daemons, started side by side (each spends a few tenths of a second importing)."""
+    launched = []
+    try:
+        for spec in specs:
+            root = tempfile.mkdtemp(prefix="conf-d-", dir="/tmp")
+            sock = os.path.join(root, "d.sock")
+            log_path = os.path.join(root, "daemon.log")
+            with open(log_path, "wb") as log:
+                cmd = [sys.executable, "-m", "reference.daemon", "--host", f"unix://{sock}", "--root",
+                       os.path.join(root, "root"), "--generation", spec.generation, "--transport", spec.transport,
+                       *spec.daemon_args]
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            launched.append(DaemonTarget(spec, f"unix://{sock}", "reference-daemon", proc, root, log_path))
+        deadline = time.monotonic() + timeout
+        for target in launched:
+            _wait_ready(target, deadline, timeout)
+        return launched
+    except BaseException:
+        for target in launched:
+            target.stop()
+        raise
+
+
+def _wait_ready(target: DaemonTarget, deadline: float, timeout: float) -> None:
+    sock = target.host[len("unix://"):]
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"reference daemon exited with {proc.returncode}:\n{target.logs()}")
+        if target.process.poll() is not None:
+            raise RuntimeError(f"reference daemon exited with {target.process.returncode}:\n{target.logs()}")
         if os.path.exists(sock) and target.alive():
-            target.identity = identify_daemon(host)
+            target.identity = identify_daemon(target.host)
             target.implementation = target.identity.implementation + (
-                "" if spec.transport == "h2" else f" via {spec.transport}")
-            return target
-        time.sleep(0.05)
-    target.stop()
+                "" if target.spec.transport == "h2" else f" via {target.spec.transport}")
+            return
+        time.sleep(0.02)
     raise RuntimeError(f"reference daemon not ready after {timeout} s:\n{target.logs()}")
 
 

@@ -182,7 +182,9 @@ def execute(runs: list[Run], extra: list[str], jobs: int, timeout: float) -> Non
 def plan_runs(dind_daemons: list[tuple[dind.ResolvedImage, dind.DindDaemon]], report_root: str,
               with_cli: bool | tuple[str, ...], with_skew: bool = False) -> list[Run]:
     # Longest first (the embedded pairs), so the other runs share the second job slot.
-    runs: list[Run] = [Run("embedded", "embedded", "embedded reference pairs", ["conformance"])]
+    # (every generation the reference has, n-1 too: the matrix shows all the pairs)
+    runs: list[Run] = [Run("embedded", "embedded", "embedded reference pairs",
+                           ["conformance", "--embedded-generations", "all"])]
     for resolved, daemon in dind_daemons:
         details = {"requested_image": resolved.requested, "image": resolved.image, "image_source": resolved.how}
         # identify() reads /version: "dockerd 20.10.24+dfsg1" (an image of another version names itself).

@@ -189,3 +189,36 @@ def test_a_suite_case_rerun_line_pasted_in_another_directory_reruns_exactly_that
     again = subprocess.run([sys.executable, *argv[1:], "-q"], cwd=elsewhere, capture_output=True, text=True,
                            timeout=300, env={**os.environ})
     assert again.returncode == 0 and "1 passed" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
+
+
+def test_embedded_generations_choose_the_embedded_pairs():
+    from conformance.targets import (DEFAULT_EMBEDDED_GENERATIONS, embedded_client_specs, embedded_daemon_specs,
+                                     embedded_generations)
+
+    assert embedded_generations(DEFAULT_EMBEDDED_GENERATIONS) == ("n", "n+1")  # what real Docker has
+    assert embedded_generations("all") == ("n-1", "n", "n+1")
+    assert embedded_generations("n+1, n-1") == ("n-1", "n+1")
+    with pytest.raises(ValueError, match="n-2"):
+        embedded_generations("n,n-2")
+    assert [s.name for s in embedded_daemon_specs(("n", "n+1"))] == ["reference-n-grpcio", "reference-n+1"]
+    assert [s.generation for s in embedded_client_specs(("n-1",))] == ["n-1"]
+
+
+def test_an_n_minus_1_case_reruns_with_the_generations_it_ran_with(tmp_path):
+    """A case of the n-1 pair, from a run with --embedded-generations all, carries the option in its rerun."""
+    import shlex
+    import subprocess
+
+    report_dir = tmp_path / "reports"
+    done = subprocess.run([sys.executable, "-m", "pytest", "--pyargs", "conformance.test_daemon_preflight", "-p",
+                           "no:cacheprovider", "-q", "--report-dir", str(report_dir), "--embedded-generations", "all"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    results = json.loads((report_dir / "results.json").read_text())
+    assert results["options"]["embedded_generations"] == ["n-1", "n", "n+1"]
+    record = next((t for t in results["tests"] if "reference-n-1" in t["name"]), None)
+    assert record is not None, done.stdout[-2000:]
+    assert "--embedded-generations n-1,n,n+1" in record["rerun"], record["rerun"]
+    default = subprocess.run([sys.executable, "-m", "pytest", "--pyargs", "conformance.test_daemon_preflight", "-p",
+                              "no:cacheprovider", "-q", "--collect-only"], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=300)
+    assert "reference-n-1" not in default.stdout and "reference-n+1" in default.stdout, default.stdout[-2000:]

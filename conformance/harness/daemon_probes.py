@@ -76,7 +76,8 @@ def raw_request(host: str, path: str, headers: list[tuple[str, str]], *, read_af
     head += b"\r\n\r\n"
     end = time.monotonic() + read_after
     sock.settimeout(0.1)
-    while time.monotonic() < end and not (enough is not None and enough(rest)):
+    whole = (lambda rest: False) if keep_open else (lambda rest: _body_complete(head, rest))
+    while time.monotonic() < end and not (enough is not None and enough(rest)) and not whole(rest):
         try:
             chunk = sock.recv(65536)
         except (socket.timeout, TimeoutError):
@@ -92,6 +93,19 @@ def raw_request(host: str, path: str, headers: list[tuple[str, str]], *, read_af
         return response, sock
     sock.close()
     return response, None
+
+
+def _body_complete(head: bytes, rest: bytes) -> bool:
+    """Whether ``rest`` holds the whole body the head announces (Content-Length, or chunked up to its last
+    chunk); False where only the connection's end can tell (a 101, a body without either)."""
+    lines = head.decode("latin-1").split("\r\n")
+    if not lines[0].startswith("HTTP/1.1 ") or lines[0].startswith("HTTP/1.1 101"):
+        return False
+    fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if ":" in line)}
+    if "chunked" in fields.get("transfer-encoding", "").lower():
+        return rest.endswith(b"0\r\n\r\n") and dechunk(rest) != rest
+    length = fields.get("content-length")
+    return length is not None and length.isdigit() and len(rest) >= int(length)
 
 
 def dechunk(body: bytes) -> bytes:
@@ -304,9 +318,14 @@ def interactive_sender(entries: list[Entry], *, log: SenderLog, chunk_size: int 
             _drain(stream, log, stall_after_listing)
             return
         pending: list[int] = []
+        # what a receiver can request: the regular files (no hard links); once it has asked for all of them,
+        # interleaving need not wait out collect_reqs_for for more
+        requestable = {i for i, e in enumerate(entries) if e.stat.mode & ~0o7777 == 0 and not e.stat.linkname}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             wait = collect_reqs_for if (interleave and pending) else max(0.05, deadline - time.monotonic())
+            if interleave and pending and requestable <= set(log.requested):
+                wait = 0.0
             raw = _receive(stream, log, wait)
             if raw is _CALL_ENDED:
                 return

@@ -68,24 +68,42 @@ class WarmClientLauncher:
     def handles(argv: list[str]) -> bool:
         return argv[:3] == [sys.executable, "-m", CLIENT_MODULE]
 
+    def start(self) -> None:
+        """Start the server without waiting for it (run() waits); a no-op while one runs."""
+        with self._lock:
+            self._start_locked()
+
+    def _start_locked(self) -> str:
+        address = os.path.join(self._dir or "", "launcher.sock")
+        if self._server is None or self._server.poll() is not None:
+            self._dir = self._dir or tempfile.mkdtemp(prefix="conf-warm-")
+            address = os.path.join(self._dir, "launcher.sock")
+            if os.path.exists(address):
+                os.unlink(address)
+            # its output to a file, not the terminal: a child's stdio is then buffered as over a pipe
+            with open(os.path.join(self._dir, "launcher.log"), "ab") as log:
+                self._server = subprocess.Popen([sys.executable, "-m", __name__, address],
+                                                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                                start_new_session=True)
+        return address
+
     def _address(self) -> str:
         with self._lock:
-            if self._server is None or self._server.poll() is not None:
-                self._dir = self._dir or tempfile.mkdtemp(prefix="conf-warm-")
-                address = os.path.join(self._dir, "launcher.sock")
-                if os.path.exists(address):
-                    os.unlink(address)
-                # its output to a file, not the terminal: a child's stdio is then buffered as over a pipe
-                with open(os.path.join(self._dir, "launcher.log"), "ab") as log:
-                    self._server = subprocess.Popen([sys.executable, "-m", __name__, address],
-                                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                                    start_new_session=True)
-                deadline = time.monotonic() + 30
-                while not os.path.exists(address):
-                    if self._server.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"the warm client launcher did not start (exit {self._server.poll()})")
-                    time.sleep(0.01)
-            return os.path.join(self._dir, "launcher.sock")
+            address = self._start_locked()
+            deadline = time.monotonic() + 30
+            while not os.path.exists(address):
+                if self._server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the warm client launcher did not start (exit {self._server.poll()}): "
+                                       + self._log_tail())
+                time.sleep(0.01)
+            return address
+
+    def _log_tail(self) -> str:
+        try:
+            with open(os.path.join(self._dir, "launcher.log"), errors="replace") as fh:
+                return fh.read()[-2000:]
+        except OSError:
+            return ""
 
     def run(self, argv: list[str], env: dict[str, str], timeout: float) -> LaunchResult:
         out = tempfile.TemporaryFile()
@@ -152,6 +170,7 @@ def _child(request: dict, stdout_fd: int, stderr_fd: int) -> None:
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the server's sockets and the request's descriptors
         os.environ.clear()
         os.environ.update(request["env"])
+        tempfile.tempdir = None  # as a new process would, from this environment's TMPDIR
         os.chdir(request["cwd"])
         sys.argv = [CLIENT_MODULE, *request["argv"][3:]]
         try:
