@@ -93,11 +93,15 @@ def peer_daemon_spec(name: str, generation: str = "auto") -> DaemonSpec:
 #     checks every 0.25 s, 3 s deadline, 0.25 + 0.25 s session wait.
 # The cases wait on the interval and the session waits, never on a deadline: the deadlines stay long enough
 # for a client that is slow to answer on a loaded machine (-n auto beside real daemons).
-# Their roots go when they stop, so they write them without fsync.
+# Their roots go when they stop, so they write them without fsync. They refuse listings deeper than 256
+# directories where dockerd goes to PATH_MAX (2048 one-byte names): the hostile 10,000-deep listing then fails
+# after 257 entries instead of 2049 (4 MB of paths, 5 s of the main job); tests/test_hostile_daemon.py and
+# tests/test_limits.py hold the reference daemon to the default limit.
+_EMBEDDED_COMMON = ("--no-fsync", "--max-depth", "256")
 EMBEDDED_N_DAEMON_ARGS = ("--health-interval", "0.25", "--health-timeout", "5", "--session-wait", "0.5",
-                          "--no-fsync")
+                          *_EMBEDDED_COMMON)
 EMBEDDED_N_PLUS_1_DAEMON_ARGS = ("--health-interval", "0.25", "--health-timeout", "3",
-                                 "--session-wait", "0.25", "--session-group-wait", "0.25", "--no-fsync")
+                                 "--session-wait", "0.25", "--session-group-wait", "0.25", *_EMBEDDED_COMMON)
 # The embedded clients' grace after a failed step whose build never ends (the reference client's default,
 # 20 s, is what a user waits; TIMEOUT-5 only asks for an end within its bound).
 EMBEDDED_CLIENT_HANG_TIMEOUT = 0.5

@@ -25,9 +25,28 @@ HEADER_METHOD = "X-Docker-Expose-Session-Grpc-Method"
 _ID_ALPHABET = string.digits + string.ascii_lowercase
 
 
+_ID_SPACE = 36 ** 25
+_ID_LIMIT = (1 << 136) // _ID_SPACE * _ID_SPACE  # below it, 17 random bytes map uniformly onto the IDs
+
+
+def new_id() -> str:
+    """25 base-36 characters, the shape BuildKit's identity.NewID produces: from one read of 17 random bytes
+    (a choice per character read the system's random source 25 times)."""
+    while True:
+        n = int.from_bytes(secrets.token_bytes(17), "big")
+        if n < _ID_LIMIT:
+            break
+    n %= _ID_SPACE
+    out = []
+    for _ in range(25):
+        n, digit = divmod(n, 36)
+        out.append(_ID_ALPHABET[digit])
+    return "".join(out)
+
+
 def new_session_id() -> str:
-    """25 base-36 characters, the shape BuildKit's identity.NewID produces."""
-    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(25))
+    """A session's ID (and a shared key): see new_id."""
+    return new_id()
 
 
 def docker_config_dir() -> str:

@@ -12,7 +12,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from grpc_health.v1 import health_pb2
@@ -24,6 +24,7 @@ from ..pb import filesync_pb2, secrets_pb2
 from ..pb.fsutil_types_pb2 import Packet, Stat
 from ..transport.base import RpcError, RpcStream, StatusCode
 from ..patterns import PatternError
+from ..plain import plain
 from ..walker import WalkError, open_chunks, read_chunks, walk
 from .methods import (  # noqa: F401  (the AUTH_ names are re-exported: the suite imports them from here)
     AUTH_CREDENTIALS,
@@ -450,4 +451,4 @@ def tar_export_handler(dest: str, records: Callable[[StreamStats], None]) -> Cal
 
 
 def stats_as_dicts(streams: list[StreamStats]) -> list[dict]:
-    return [asdict(s) for s in streams]
+    return [plain(s) for s in streams]

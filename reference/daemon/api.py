@@ -18,8 +18,8 @@ import re
 import sys
 import threading
 import time
-from dataclasses import asdict
 
+from ..plain import plain
 from .builder import BadRequest, Builder, BuildOptions, go_arch
 from .cache import ContextCache
 from .config import API_VERSION, ENGINE_VERSION, MIN_API_VERSION, DaemonConfig
@@ -208,7 +208,7 @@ class EngineApi:
     def stats(self, request: Request, exchange: Exchange) -> None:
         """Not Engine API: what the reference daemon did, for tests."""
         with self.builder._records_lock:
-            builds = [asdict(r) for r in self.builder.records]
+            builds = [plain(r) for r in self.builder.records]
         exchange.json(200, {
             "builds": builds,
             "sessions_active": len(self.sessions.active()),

@@ -25,11 +25,12 @@ import platform
 import posixpath
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from .. import filemode
 from .. import metadata as wire_md
 from ..applier import remove_tree
+from ..plain import plain
 from ..walker import WalkError
 from . import dockerfile as dfp
 from . import export, filesync
@@ -350,7 +351,7 @@ class Builder:
     def _log_record(self, record: BuildRecord) -> None:
         try:
             with open(self._stats_log, "a") as fh:
-                fh.write(json.dumps(asdict(record)) + "\n")
+                fh.write(json.dumps(plain(record)) + "\n")
         except OSError:
             pass
 
@@ -489,7 +490,7 @@ class Builder:
             result = run(session, state.rootfs, cancelled=cancelled, stall_timeout=self.config.stall_timeout,
                          progress=lambda n: vertex.status("copying files", n),
                          metadata=self._calls(state).filesend(0))
-            state.record.export = asdict(result)
+            state.record.export = plain(result)
             vertex.done()
         except BuildError as exc:
             vertex.fail(self.redact(str(exc)))
@@ -556,7 +557,7 @@ class Builder:
             record.streams.append({"dir_name": request.dir_name, "protocol": protocol,
                                    "metadata": wire or request.metadata(), "error": self.redact(str(exc))})
             raise BuildError(self.redact(str(exc))) from None
-        record.streams.append(asdict(result))
+        record.streams.append(plain(result))
         if vertex is not None:
             vertex.status(status, result.bytes_received, completed=True)
 

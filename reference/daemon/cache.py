@@ -31,20 +31,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
-import string
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Callable
 
 from ..applier import remove_tree
+from ..plain import plain
+from ..session import new_id
 from .atomicfile import AtomicFiles
 from .listing import TreeListing
 
 log = logging.getLogger("reference.daemon.cache")
 
-_ID_ALPHABET = string.digits + string.ascii_lowercase
 # Paths of kept listings over all free entries (about 1 KiB of memory each); beyond
 # this the least recently used entries are walked again when next used.
 KEPT_LISTING_PATHS = 60_000
@@ -53,7 +52,7 @@ RECORD_TYPE = "source.local"
 
 def new_record_id() -> str:
     """25 base-36 characters, the shape of BuildKit's record ids."""
-    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(25))
+    return new_id()
 
 
 def remove_quietly(path: str) -> bool:
@@ -137,7 +136,7 @@ class CacheEntry:
         return cls(base, EntryMeta(**meta), complete, files)
 
     def save_meta(self, *, durable: bool = True) -> None:
-        self.files.write(os.path.join(self.base, "meta.json"), json.dumps(asdict(self.meta)).encode(), durable=durable)
+        self.files.write(os.path.join(self.base, "meta.json"), json.dumps(plain(self.meta)).encode(), durable=durable)
 
 
 class Lease:
