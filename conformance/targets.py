@@ -232,12 +232,14 @@ def identify(host: str) -> str:
     return identify_daemon(host).implementation
 
 
-def start_reference_daemon(spec: DaemonSpec, timeout: float = 30.0) -> DaemonTarget:
-    return start_reference_daemons([spec], timeout)[0]
+def start_reference_daemon(spec: DaemonSpec, timeout: float = 30.0, *, env: dict | None = None) -> DaemonTarget:
+    return start_reference_daemons([spec], timeout, env=env)[0]
 
 
-def start_reference_daemons(specs: list[DaemonSpec], timeout: float = 30.0) -> list[DaemonTarget]:
-    """Embedded reference daemons, started side by side (each spends a few tenths of a second importing)."""
+def start_reference_daemons(specs: list[DaemonSpec], timeout: float = 30.0, *,
+                            env: dict | None = None) -> list[DaemonTarget]:
+    """Embedded reference daemons, started side by side (each spends a few tenths of a second importing);
+    ``env``: variables added to their environment."""
     launched = []
     try:
         for spec in specs:
@@ -248,7 +250,8 @@ def start_reference_daemons(specs: list[DaemonSpec], timeout: float = 30.0) -> l
                 cmd = [sys.executable, "-m", "reference.daemon", "--host", f"unix://{sock}", "--root",
                        os.path.join(root, "root"), "--generation", spec.generation, "--transport", spec.transport,
                        *spec.daemon_args]
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                        env={**os.environ, **env} if env else None)
             launched.append(DaemonTarget(spec, f"unix://{sock}", "reference-daemon", proc, root, log_path))
         deadline = time.monotonic() + timeout
         for target in launched:

@@ -543,33 +543,10 @@ def raw_build(host: str, query: dict, *, body: bytes = b"", timeout: float = 30.
 def start_private_reference_daemon(generation: str = "n+1", transport: str = "h2", *, extra_args=(),
                                    env: dict | None = None, timeout: float = 30.0):
     """An extra embedded reference daemon with its own settings (stopped by the caller)."""
-    import subprocess
-    import sys
-    import tempfile
+    from ..targets import DaemonSpec, start_reference_daemon
 
-    from ..targets import DaemonSpec, DaemonTarget, identify_daemon
-
-    root = tempfile.mkdtemp(prefix="conf-dp-", dir="/tmp")
-    sock = os.path.join(root, "d.sock")
-    log_path = os.path.join(root, "daemon.log")
-    cmd = [sys.executable, "-m", "reference.daemon", "--host", f"unix://{sock}", "--root", os.path.join(root, "root"),
-           "--generation", generation, "--transport", transport, *extra_args]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **(env or {})})
-    target = DaemonTarget(DaemonSpec("private-reference", generation=generation, transport=transport),
-                          f"unix://{sock}", "reference-daemon", proc, root, log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"reference daemon exited with {proc.returncode}:\n{target.logs()}")
-        if os.path.exists(sock) and target.alive():
-            target.identity = identify_daemon(target.host)
-            target.implementation = target.identity.implementation
-            return target
-        time.sleep(0.05)
-    target.stop()
-    raise RuntimeError(f"reference daemon not ready after {timeout} s:\n{target.logs()}")
+    spec = DaemonSpec("private-reference", generation=generation, transport=transport, daemon_args=tuple(extra_args))
+    return start_reference_daemon(spec, timeout, env=env)
 
 
 # -- what the target's generation means for a case ---------------------------------------------

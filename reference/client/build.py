@@ -444,8 +444,12 @@ class _BuildResponse:
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
                     raise BuildError(f"the build did not finish within {timeout:.0f} s")
-            if error_seen_at is not None and time.monotonic() - error_seen_at > hang_timeout:
-                raise BuildError("the daemon reported an error but did not end the build: " + "; ".join(vertex_errors))
+            if error_seen_at is not None:
+                grace_left = error_seen_at + hang_timeout - time.monotonic()
+                if grace_left <= 0:
+                    raise BuildError("the daemon reported an error but did not end the build: "
+                                     + "; ".join(vertex_errors))
+                wait = min(wait, grace_left)  # the grace ends on time, not at the next second
             try:
                 item = self.events.get(timeout=max(wait, 0.01))
             except queue.Empty:

@@ -158,11 +158,15 @@ def run_solve(conn: ClientConnection, request: pb.SolveRequest, *,
         while True:
             if deadline is not None and time.monotonic() > deadline:
                 raise error_type(f"the build did not finish within {timeout:.0f} s")
-            if status.first_error_at is not None and time.monotonic() - status.first_error_at > hang_timeout:
-                raise error_type("the daemon reported an error but did not end the build: "
-                                 + "; ".join(status.vertex_errors))
+            wait = POLL
+            if status.first_error_at is not None:
+                grace_left = status.first_error_at + hang_timeout - time.monotonic()
+                if grace_left <= 0:
+                    raise error_type("the daemon reported an error but did not end the build: "
+                                     + "; ".join(status.vertex_errors))
+                wait = min(wait, grace_left)  # the grace ends on time, not at the next poll
             try:
-                data = solve.recv(POLL)
+                data = solve.recv(wait)
             except TimeoutError:
                 continue
             except RpcError as exc:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import select
 import signal
+import socket
 import sys
 
 from .config import DaemonConfig
@@ -81,10 +83,35 @@ def main(argv: list[str] | None = None) -> int:
         "listening on %s (generation %s, transport %s)", daemon.server.bound_address, args.generation, args.transport)
     print(f"listening on {daemon.server.bound_address}", flush=True)
     try:
-        daemon.serve_forever()
+        daemon.start()
+        _wait_until_stopped(daemon)
     finally:
         daemon.close()
     return 0
+
+
+def _wait_until_stopped(daemon: Daemon) -> None:
+    """Block until a signal's handler (or a failure of the server thread) stops the daemon.
+
+    The kernel may deliver SIGTERM to any thread, grpcio's own among them, while Python runs handlers only in
+    the main thread, and only once it is woken: blocked in accept() it was not, and the daemon ignored the
+    signal (about one stop in ten with the grpcio transport). Here the main thread waits in select() on the
+    wakeup descriptor, which the C-level handler writes to from whichever thread the signal hit."""
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    try:
+        while not daemon.stopped and daemon.server.serving:
+            select.select([wake_r], [], [], 1.0)  # the timeout notices a server thread that died
+            try:
+                wake_r.recv(4096)
+            except BlockingIOError:
+                pass
+    finally:
+        signal.set_wakeup_fd(-1)
+        wake_r.close()
+        wake_w.close()
 
 
 if __name__ == "__main__":

@@ -321,6 +321,11 @@ class HttpServer:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=_Connection(self, sock).run, name="http-conn", daemon=True).start()
 
+    @property
+    def serving(self) -> bool:
+        """Whether the accept thread of start() still runs."""
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> "HttpServer":
         self._thread = threading.Thread(target=self.serve_forever, name="http-accept", daemon=True)
         self._thread.start()

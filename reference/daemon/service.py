@@ -74,6 +74,10 @@ class Daemon:
         self._gc_thread.start()
         self.server.serve_forever()
 
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
     def close(self) -> None:
         if self._stop.is_set():
             return
