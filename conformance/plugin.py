@@ -218,11 +218,18 @@ def _names_family(text: str, family: str) -> bool:
 @pytest.fixture(scope="session")
 def _daemon_pool(request: pytest.FixtureRequest):
     yield _started
-    for spec, target in _started.items():
+    from concurrent.futures import ThreadPoolExecutor
+
+    def finish(spec: DaemonSpec, target) -> None:
         try:
             _clean_daemon(request.config, spec, target)
         finally:
             target.stop()
+
+    # side by side: stopping a daemon and removing its root are waits on the process and the disk
+    with ThreadPoolExecutor(max_workers=max(1, len(_started))) as pool:
+        for future in [pool.submit(finish, spec, target) for spec, target in _started.items()]:
+            future.result()
     _started.clear()
 
 
@@ -476,9 +483,20 @@ def pytest_runtest_setup(item: pytest.Item):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    outcome = yield
-    report: pytest.TestReport = outcome.get_result()
     excinfo = call.excinfo
+    # An UNSUPPORTED case or a known deviation is graded from the exception alone: pytest's traceback of it
+    # (each frame's module parsed for its statement) is never shown, and cost a second or two a run.
+    brief = excinfo is not None and call.when == "call" and (
+        isinstance(excinfo.value, outcomes.Unsupported)
+        or getattr(excinfo.value, "req_id", None) in item.stash.get(_DEVIATIONS_KEY, {}))
+    if brief:
+        item.repr_failure = lambda excinfo, style=None: str(excinfo.value)
+    try:
+        outcome = yield
+    finally:
+        if brief:
+            del item.repr_failure
+    report: pytest.TestReport = outcome.get_result()
     if excinfo is not None and report.when == "call":
         known = item.stash.get(_DEVIATIONS_KEY, {})
         failed_req = getattr(excinfo.value, "req_id", None)
