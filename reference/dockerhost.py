@@ -186,6 +186,10 @@ def connect(host: "str | Endpoint | None" = None, timeout: float | None = 30.0) 
 
 def _ssl_context(tls: TlsFiles) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=tls.ca)
+    # Verified as the docker CLI (Go's crypto/x509) verifies: since Python 3.13 the default context is also
+    # X509-strict (Debian 13's python3), which refuses certificates the CLI takes, e.g. one without an Authority
+    # Key Identifier ("Missing Authority Key Identifier"), as many hand-made Docker TLS set-ups have.
+    context.verify_flags &= ~ssl.VERIFY_X509_STRICT
     if not tls.verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE

@@ -27,8 +27,8 @@ from conformance import peers, realpeers
 from conformance.trees import write_file
 from reference.client import build
 from reference.errors import SessionError
-from reference.dockerhost import (ContextNotFound, DaemonConnectionError, TlsFiles, _pump_tls, api_call,
-                                  resolve_endpoint, ssh_command)
+from reference.dockerhost import (ContextNotFound, DaemonConnectionError, TlsFiles, _pump_tls, _ssl_context,
+                                  api_call, resolve_endpoint, ssh_command)
 
 from test_daemon import RefDaemon  # noqa: E402  (same tests directory)
 
@@ -185,6 +185,8 @@ class TlsProxy:
         self.backend = backend_host[len("unix://"):]
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(server_dir / "ca.pem"))
         self.context.verify_mode = ssl.CERT_REQUIRED
+        # As dockerd (Go) verifies client certificates: not X509-strict, Python 3.13's default.
+        self.context.verify_flags &= ~ssl.VERIFY_X509_STRICT
         self.context.load_cert_chain(str(server_dir / "cert.pem"), str(server_dir / "key.pem"))
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -236,6 +238,10 @@ def test_tls_verify_and_cert_path(tls_proxy, pki, clean_env, monkeypatch, contex
     failed = tls_proxy.handshakes_failed
     with pytest.raises((SessionError, ConnectionResetError)):  # closed or reset, as the proxy's close falls
         api_call("GET", "/_ping", timeout=5)
+    # The proxy may send its TLS alert, which ends the client's call, before its thread counts the failure.
+    deadline = time.monotonic() + 5
+    while tls_proxy.handshakes_failed == failed and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert tls_proxy.handshakes_failed > failed
 
 
@@ -253,6 +259,17 @@ def test_tls_context(tls_proxy, pki, clean_env, monkeypatch, context_dir):
     monkeypatch.setenv("DOCKER_CONTEXT", "tls")
     assert resolve_endpoint().tls.verify and resolve_endpoint().tls.cert
     built_image(build(context_dir, generation="n"))
+
+
+def test_tls_is_verified_as_the_docker_cli_verifies_not_x509_strict(pki):
+    """Python 3.13's default context (Debian 13's python3) is X509-strict: it refused the test CA's certificates,
+    which the docker CLI takes, with "Missing Authority Key Identifier". The certificates keep lacking one."""
+    leaf = x509.load_pem_x509_certificate((pki / "client" / "cert.pem").read_bytes())
+    with pytest.raises(x509.ExtensionNotFound):
+        leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
+    context = _ssl_context(TlsFiles(str(pki / "client" / "ca.pem"), None, None, verify=True))
+    assert not context.verify_flags & ssl.VERIFY_X509_STRICT
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
 
 
 def test_the_docker_cli_accepts_the_tls_proxy(tls_proxy, pki, tmp_path):

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from conformance import realpeers
 from conformance.harness.daemon_probes import FileSyncRouter
 from conformance.harness.scripted_client import make_context, run_build
 from conformance.trees import diff_snapshots, snapshot
@@ -250,7 +251,7 @@ def test_a_deep_tree_left_in_the_cache_by_an_older_daemon_is_handled(tmp_path):
 
 # -- names that are not UTF-8, end to end -------------------------------------------------------
 
-DOCKER_CLI = "/usr/bin/docker"  # CLI 20.10; /usr/local/bin/docker is another client
+DOCKER_CLI = realpeers.DOCKER_CLI  # the docker CLI 20.10 in the peers prefix (no system package provides it)
 
 
 def byte_names(root: str) -> set[bytes]:
@@ -296,11 +297,9 @@ def test_the_dockerfile_alone_needs_no_walk_of_such_names(names_daemon, tmp_path
     assert build(ctx, host=names_daemon.host, tags=["names:label"], timeout=60).image_id
 
 
-@pytest.mark.skipif(not os.path.exists(DOCKER_CLI), reason="docker CLI 20.10 not installed")
 def test_docker_cli_builds_and_exports_non_utf8_names_on_our_daemon(names_daemon, tmp_path):
     """Failed before: ``invalid packet from the client: not a fsutil Packet``."""
-    import subprocess
-
+    realpeers.require_docker(realpeers.DEFAULT_CLIENT)  # skips on a developer machine without it, fails on CI
     ctx = latin1_context(tmp_path)
     out = str(tmp_path / "cli-out")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DOCKER_", "BUILDKIT_"))}

@@ -75,3 +75,23 @@ def test_set_up_runs_once_until_its_inputs_change(tmp_path):
         fh.write("\n# changed\n")
     assert _set_up(project, "suite", calls) == [
         "deps --suite-only", f"python -m pip install --quiet --editable {project}[suite]", compiled]
+
+
+# A peer named by a system path: no set-up installs Docker as a system package (the peers live in the project's
+# prefix, conformance.peers), so such a test is skipped on every machine, CI too, without anyone noticing.
+SYSTEM_PEER_PATH = re.compile(r"""["'](/usr(?:/local)?/s?bin/(?:docker|dockerd|docker-buildx|containerd|runc))["']""")
+
+
+def test_no_test_runs_a_peer_from_a_system_path():
+    sources = [os.path.join(ROOT, "conformance", name) for name in os.listdir(os.path.join(ROOT, "conformance"))
+               if name.startswith("test_") and name.endswith(".py")]
+    for folder in ("tests", "interop", "benchmarks"):
+        for dirpath, _, filenames in os.walk(os.path.join(ROOT, folder)):
+            sources += [os.path.join(dirpath, name) for name in filenames if name.endswith(".py")]
+    found = []
+    for source in sources:
+        with open(source, encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):
+                if SYSTEM_PEER_PATH.search(line) and "SYSTEM_PEER_PATH" not in line:
+                    found.append(f"{os.path.relpath(source, ROOT)}:{number}: {line.strip()}")
+    assert not found, "use conformance.peers.binary(...) / realpeers.DOCKER_CLI:\n" + "\n".join(found)
