@@ -184,12 +184,18 @@ def connect(host: "str | Endpoint | None" = None, timeout: float | None = 30.0) 
     raise SessionError(f"unsupported Docker host {endpoint.host!r}: use unix://, tcp:// or ssh://")
 
 
-def _ssl_context(tls: TlsFiles) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=tls.ca)
-    # Verified as the docker CLI (Go's crypto/x509) verifies: since Python 3.13 the default context is also
-    # X509-strict (Debian 13's python3), which refuses certificates the CLI takes, e.g. one without an Authority
-    # Key Identifier ("Missing Authority Key Identifier"), as many hand-made Docker TLS set-ups have.
+def go_verifying_context(cafile: str | None = None) -> ssl.SSLContext:
+    """A client TLS context that verifies as Go's crypto/x509 does (the docker CLI, dockerd's registry client):
+    since Python 3.13 the default context is also X509-strict (Debian 13's python3), which refuses certificates
+    Go takes, e.g. one without an Authority Key Identifier ("Missing Authority Key Identifier"), as many
+    hand-made Docker TLS and private-registry set-ups have."""
+    context = ssl.create_default_context(cafile=cafile)
     context.verify_flags &= ~ssl.VERIFY_X509_STRICT
+    return context
+
+
+def _ssl_context(tls: TlsFiles) -> ssl.SSLContext:
+    context = go_verifying_context(tls.ca)
     if not tls.verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE

@@ -103,3 +103,30 @@ def test_wrong_password_is_a_clear_error_without_a_storm(our_daemon, docker_conf
     with pytest.raises(BuildError, match="401"):
         _build(our_daemon, tmp_path, basic_registry.pushed.reference, "n+1")
     assert len(basic_registry.requests()) - before <= 6
+
+
+def test_registry_tls_verifies_as_dockerd_does_not_x509_strict(monkeypatch):
+    """Python 3.13's default context is X509-strict and refuses registry certificates Go's crypto/x509 takes
+    (no Authority Key Identifier, say): the reference daemon's registry client verifies as dockerd does."""
+    import http.client
+    import ssl
+
+    from reference.daemon import registry
+
+    seen = {}
+
+    class Refused(Exception):
+        pass
+
+    class Capture:
+        def __init__(self, host, port, timeout=None, context=None):
+            seen["context"] = context
+            raise Refused
+
+    monkeypatch.setattr(http.client, "HTTPSConnection", Capture)
+    client = registry.RegistryClient(registry.parse_reference("registry.example:5000/x:1"), None, insecure_hosts=())
+    with pytest.raises(Refused):
+        client._open("GET", "https://registry.example:5000/v2/", {})
+    context = seen["context"]
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    assert not context.verify_flags & ssl.VERIFY_X509_STRICT

@@ -30,7 +30,6 @@ import os
 import platform
 import re
 import secrets
-import ssl
 import tempfile
 import threading
 import time
@@ -41,6 +40,7 @@ from typing import Callable, Iterable, Iterator
 
 from ..applier import TreeApplier
 from ..diffcopy import DeleteEntry, FileData, FileDone, PutEntry
+from ..dockerhost import go_verifying_context
 from ..paths import check_path_syntax
 from ..pb import auth_pb2
 from ..tarstream import TarReceiver
@@ -468,7 +468,7 @@ class RegistryClient:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme == "https":
             conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=self.timeout,
-                                               context=ssl.create_default_context())
+                                               context=go_verifying_context())  # as dockerd verifies
         else:
             conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=self.timeout)
         path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
