@@ -97,7 +97,7 @@ def render_markdown(summary: dict, results: list[dict], options: dict) -> str:
     run = summary.get("run") or {}
     if run:
         out += ["", f"Run: started {run.get('started', '?')}, took {run.get('seconds', '?')} s"]
-    chosen = [f"`{k}={v}`" for k, v in options.items() if v]
+    chosen = [f"`{k}={','.join(v) if isinstance(v, (list, tuple)) else v}`" for k, v in options.items() if v]
     target_given = options.get("daemon_under_test") or options.get("client_under_test")
     out += ["", "Options: " + ", ".join(chosen) + ("" if target_given else " (embedded reference pairs)")]
     if summary.get("preflight"):
