@@ -19,12 +19,12 @@ import http.client
 import importlib.util
 import os
 import re
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
 
 from conformance import peers, realpeers
+from reference.processes import stop_process
 
 from . import contexts
 from .procs import MeasurementError, PROJECT_ROOT, Workspace, child_env, python_module, run_timed, settle
@@ -99,13 +99,7 @@ class ReferenceDaemon:
     def stop(self) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, 10)
         self.process = None
         if os.path.exists(self.socket_path):
             os.unlink(self.socket_path)

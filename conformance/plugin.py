@@ -28,9 +28,9 @@ from . import catalogue, cleanup, outcomes, preflight
 from .identify import families_of
 from . import scratch
 from .targets import (
-    DEFAULT_EMBEDDED_GENERATIONS, PEER_PREFIX, WARM_CLIENTS, ClientSpec, embedded_generations, ClientTarget, DaemonSpec, attach_daemon, embedded_client_specs,
-    embedded_daemon_specs, identify_client, peer_client_spec, peer_daemon_spec, start_peer_daemon,
-    start_reference_daemons,
+    DEFAULT_EMBEDDED_GENERATIONS, PEER_PREFIX, WARM_CLIENTS, ClientSpec, ClientTarget, DaemonSpec, attach_daemon,
+    embedded_client_specs, embedded_daemon_specs, embedded_generations, identify_client, peer_client_spec,
+    peer_daemon_spec, start_peer_daemon, start_reference_daemons,
 )
 
 _RESULTS_KEY = pytest.StashKey[list]()
@@ -484,11 +484,12 @@ def pytest_runtest_setup(item: pytest.Item):
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     excinfo = call.excinfo
+    known = item.stash.get(_DEVIATIONS_KEY, {})
+    failed_req = getattr(excinfo.value, "req_id", None) if excinfo is not None else None
     # An UNSUPPORTED case or a known deviation is graded from the exception alone: pytest's traceback of it
     # (each frame's module parsed for its statement) is never shown, and cost a second or two a run.
     brief = excinfo is not None and call.when == "call" and (
-        isinstance(excinfo.value, outcomes.Unsupported)
-        or getattr(excinfo.value, "req_id", None) in item.stash.get(_DEVIATIONS_KEY, {}))
+        isinstance(excinfo.value, outcomes.Unsupported) or failed_req in known)
     if brief:
         item.repr_failure = lambda excinfo, style=None: str(excinfo.value)
     try:
@@ -498,8 +499,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
             del item.repr_failure
     report: pytest.TestReport = outcome.get_result()
     if excinfo is not None and report.when == "call":
-        known = item.stash.get(_DEVIATIONS_KEY, {})
-        failed_req = getattr(excinfo.value, "req_id", None)
         overruled, why = item.stash.get(_PREFLIGHT_KEY, (set(), ""))
         if failed_req in overruled and isinstance(excinfo.value, (AssertionError, outcomes.NonStrict)):
             report.outcome = "skipped"

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from reference.processes import stop_process
+
 from . import peers
 from .owners import owner_alive, owner_line
 
@@ -451,12 +453,7 @@ class PrivateDockerd:
             return
         if self.process is not None and self.process.poll() is None:
             _kill_running_containers(self.socket_path)
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            stop_process(self.process, self.stop_timeout)
         self._final_log = self.logs()
         self.leftovers = _dismantle(str(self.dir))
         self.dir = None

@@ -29,6 +29,8 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 
+from reference.processes import stop_process
+
 DOCKER_REGISTRY = "/usr/bin/docker-registry"
 HTPASSWD = "/usr/bin/htpasswd"
 
@@ -199,13 +201,7 @@ class LocalRegistry:
         return False
 
     def _kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, 5)
         self.process = None
 
     def stop(self) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from reference.dockerhost import api_call
+from reference.processes import stop_process
 
 from . import peers
 from .harness.warm_client import WarmClientLauncher
@@ -216,13 +216,7 @@ class DaemonTarget(_Identified):
     def stop(self) -> None:
         if self.private_peer is not None:
             self.private_peer.stop()
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, 10)
         if self.root:
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -339,28 +333,27 @@ class ClientTarget(_Identified):
             full_env.update(peers.client_env(self.spec.peer, full_env["DOCKER_CONFIG"]))
         argv = self.argv(context, list(extra_args))
         started = time.monotonic()
-        if self.spec.warm and WARM_CLIENTS.handles(argv):
-            try:
-                done = WARM_CLIENTS.run(argv, full_env, timeout)
-            finally:
-                if own_config:
-                    shutil.rmtree(own_config, ignore_errors=True)
-            stderr = done.stderr + (f"\n<timed out after {timeout} s>" if done.timed_out else "")
-            return ClientRun(-9 if done.timed_out else done.returncode, done.stdout, stderr,
-                             time.monotonic() - started, argv, tuple(extra_args))
+        timed_out = f"\n<timed out after {timeout} s>"
         try:
-            proc = subprocess.run(argv, env=full_env, capture_output=True, timeout=timeout, text=True)
-            return ClientRun(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started, argv,
-                             tuple(extra_args))
-        except subprocess.TimeoutExpired as exc:
-            def text(value) -> str:
-                return value.decode("utf-8", "replace") if isinstance(value, bytes) else (value or "")
-
-            return ClientRun(-9, text(exc.stdout), text(exc.stderr) + f"\n<timed out after {timeout} s>",
-                             time.monotonic() - started, argv, tuple(extra_args))
+            if self.spec.warm and WARM_CLIENTS.handles(argv):
+                done = WARM_CLIENTS.run(argv, full_env, timeout)
+                code, stdout, stderr = done.returncode, done.stdout, done.stderr
+                if done.timed_out:
+                    code, stderr = -9, stderr + timed_out
+            else:
+                try:
+                    proc = subprocess.run(argv, env=full_env, capture_output=True, timeout=timeout, text=True)
+                    code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+                except subprocess.TimeoutExpired as exc:
+                    code, stdout, stderr = -9, _text(exc.stdout), _text(exc.stderr) + timed_out
+            return ClientRun(code, stdout, stderr, time.monotonic() - started, argv, tuple(extra_args))
         finally:
             if own_config:
                 shutil.rmtree(own_config, ignore_errors=True)
+
+
+def _text(value) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else (value or "")
 
 
 def identify_client(spec: ClientSpec, timeout: float = 30.0) -> Identity:

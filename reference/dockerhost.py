@@ -27,6 +27,7 @@ from urllib.parse import urlencode, urlsplit
 import h11
 
 from .errors import SessionError
+from .processes import stop_process
 
 DEFAULT_HOST = "unix:///var/run/docker.sock"
 USER_AGENT = "docker-session-reference/0.1"
@@ -292,14 +293,7 @@ class CommandSocket(socket.socket):
 
     def close(self) -> None:
         super().close()
-        proc = getattr(self, "proc", None)
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(_COMMAND_EXIT_WAIT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(getattr(self, "proc", None), _COMMAND_EXIT_WAIT)
         stderr = getattr(self, "_stderr", None)
         if stderr is not None:
             stderr.close()

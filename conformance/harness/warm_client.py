@@ -31,6 +31,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from reference.processes import stop_process
+
 CLIENT_MODULE = "reference.client"
 # What the client imports lazily on its way through a build, by transport and feature: imported once in the
 # server instead of in every child. Only a speed hint (tests/test_warm_client.py checks that each imports).
@@ -74,12 +76,12 @@ class WarmClientLauncher:
             self._start_locked()
 
     def _start_locked(self) -> str:
-        address = os.path.join(self._dir or "", "launcher.sock")
+        """The server's socket path, with a server starting or running behind it."""
+        self._dir = self._dir or tempfile.mkdtemp(prefix="conf-warm-")
+        address = os.path.join(self._dir, "launcher.sock")
         if self._server is None or self._server.poll() is not None:
-            self._dir = self._dir or tempfile.mkdtemp(prefix="conf-warm-")
-            address = os.path.join(self._dir, "launcher.sock")
             if os.path.exists(address):
-                os.unlink(address)
+                os.unlink(address)  # a dead server's
             # its output to a file, not the terminal: a child's stdio is then buffered as over a pipe
             with open(os.path.join(self._dir, "launcher.log"), "ab") as log:
                 self._server = subprocess.Popen([sys.executable, "-m", __name__, address],
@@ -136,14 +138,8 @@ class WarmClientLauncher:
 
     def close(self) -> None:
         with self._lock:
-            if self._server is not None:
-                self._server.terminate()
-                try:
-                    self._server.wait(5)
-                except subprocess.TimeoutExpired:
-                    self._server.kill()
-                    self._server.wait()
-                self._server = None
+            stop_process(self._server, 5)
+            self._server = None
             if self._dir:
                 shutil.rmtree(self._dir, ignore_errors=True)
                 self._dir = None
@@ -207,6 +203,7 @@ def serve(address: str) -> None:
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ, "accept")
     running: dict[int, tuple[socket.socket, int]] = {}  # pidfd -> (connection, pid)
+    watched: set[socket.socket] = set()  # the connections of running children whose closing is watched
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         while True:
@@ -238,12 +235,14 @@ def serve(address: str) -> None:
                         selector.register(pidfd, selectors.EVENT_READ, "child")
                         # a connection closed by the harness before the child ends: kill the child
                         selector.register(running[pidfd][0], selectors.EVENT_READ, ("peer", pidfd))
+                        watched.add(running[pidfd][0])
                 elif key.data == "child":
                     pidfd = key.fd
                     conn, pid = running.pop(pidfd)
                     _, status = os.waitpid(pid, 0)
                     selector.unregister(pidfd)
-                    if conn in (k.fileobj for k in selector.get_map().values()):
+                    if conn in watched:
+                        watched.discard(conn)
                         selector.unregister(conn)
                     os.close(pidfd)
                     try:
@@ -254,6 +253,7 @@ def serve(address: str) -> None:
                 else:  # the harness's end of a running child's connection became readable: it went away
                     pidfd = key.data[1]
                     conn, pid = running[pidfd]
+                    watched.discard(conn)
                     selector.unregister(conn)
                     if not conn.recv(1, socket.MSG_PEEK):
                         _kill(pid)

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 
 from ..pb import sshforward_pb2
+from ..processes import stop_process
 from ..sshagent import AgentFilter, AgentProtocolError
 from ..transport.base import RpcError, RpcStream, StatusCode
 
@@ -145,13 +146,7 @@ class PrivateAgent:
             raise SSHSpecError(f"failed to parse {path}: {reason}")
 
     def close(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, 5)
         if self.process is not None and self.process.stderr is not None:
             self.process.stderr.close()
         shutil.rmtree(self.dir, ignore_errors=True)
