@@ -51,6 +51,8 @@ from hyperframe.exceptions import HyperframeError
 
 from reference.pb.fsutil_types_pb2 import Stat  # generated from the wire-exact proto/fsutil types
 
+from . import scratch
+
 FILESYNC = "/moby.filesync.v1.FileSync/DiffCopy"
 FILESEND = "/moby.filesync.v1.FileSend/DiffCopy"
 CLIENT, DAEMON = "client", "daemon"
@@ -545,7 +547,7 @@ class WireTap:
         self.limits = limits
         self._own_dir = None
         if socket_path is None:
-            self._own_dir = tempfile.mkdtemp(prefix="dsc-tap-", dir="/tmp")
+            self._own_dir = scratch.socket_dir("dsc-tap-")
             socket_path = os.path.join(self._own_dir, "tap.sock")
         self.socket_path = socket_path
         self._listener: socket.socket | None = None
@@ -734,7 +736,7 @@ def _describe(transfer: Transfer) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m conformance.wiretap", description=__doc__.splitlines()[0])
     parser.add_argument("--upstream", required=True, help="the daemon's socket (path or unix:// URL)")
-    parser.add_argument("--listen", help="the socket to listen on (default: a new /tmp/dsc-tap-*/tap.sock)")
+    parser.add_argument("--listen", help="the socket to listen on (default: tap.sock in a new dsc-tap-* directory of the temporary directory)")
     parser.add_argument("--json", metavar="FILE", help="write the whole recording here on exit")
     args = parser.parse_args(argv)
     stop = threading.Event()

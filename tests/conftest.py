@@ -1,5 +1,7 @@
 """Shared fixtures. Real peers: one private dockerd 20.10 per test session (per xdist worker)."""
 
+import os
+
 import pytest
 
 from conformance import realpeers, scratch
@@ -7,10 +9,15 @@ from conformance import realpeers, scratch
 _REAL_PEER_FIXTURES = {"dockerd", "docker_cli", "shell_image"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before the tmp_path plugin reads --basetemp
 def pytest_configure(config):
     # Temporary files of these tests, their daemons and clients go to one directory, removed when the run
     # ends (the conformance plugin closes it).
-    scratch.RUN.open()
+    run_dir = scratch.RUN.open()
+    # tmp_path directly in it, not in pytest-of-USER/pytest-N: tests put unix sockets in tmp_path, and sun_path
+    # holds 107 bytes. (xdist gives its workers the controller's basetemp.)
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):
+        config.option.basetemp = os.path.join(run_dir, "t")
 
 
 def pytest_collection_modifyitems(items):
