@@ -100,9 +100,14 @@ MARKERS = (
 
 
 @pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True)  # before the tmp_path plugin reads --basetemp
 def pytest_configure(config: pytest.Config) -> None:
     for marker in MARKERS:
         config.addinivalue_line("markers", marker)
+    if _names_this_package(config) and config.option.basetemp is None and not hasattr(config, "workerinput"):
+        # tmp_path in the run's directory, not in pytest-of-USER: there the controller of an xdist run made its
+        # workers' base and left it behind, and the cases' unix sockets need short paths.
+        config.option.basetemp = os.path.join(scratch.RUN.open(), "t")
     config.stash[_RESULTS_KEY] = []
     config.stash[_STARTED_KEY] = (time.time(), time.monotonic())
     _CONFIG[0] = config
@@ -379,6 +384,18 @@ def _wanted_requirements(config: pytest.Config) -> set[str] | None:
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _names_this_package(config: pytest.Config) -> bool:
+    """Whether the command line asks for the suite's own modules (a path in the package, or --pyargs of it)."""
+    for arg in config.args:
+        target = arg.split("::")[0]
+        if config.option.pyargs and (target == __package__ or target.startswith(__package__ + ".")):
+            return True
+        path = os.path.abspath(os.path.join(str(config.invocation_params.dir), target))
+        if path == _PACKAGE_DIR or path.startswith(_PACKAGE_DIR + os.sep):
+            return True
+    return False
 _CASE_KEY = pytest.StashKey[bool]()
 
 

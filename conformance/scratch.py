@@ -20,14 +20,14 @@ import os
 import shutil
 import tempfile
 
+from reference.socketdirs import socket_dir  # noqa: F401 (the suite's socket directories: in the run's)
+
 from .owners import owner_alive, owner_line
 
 _PREFIX = "conf-run-"
 _OWNER = "owner"
 _SHM = "/dev/shm"
 _SHM_MIN_FREE = 1 << 30  # a container's 64 MB /dev/shm, say, is too small: the usual directory then
-# A unix socket path is at most 107 bytes; a socket directory's base must leave room for "/prefix-XXXXXXXX/d.sock".
-_SOCKET_BASE_MAX = 64
 
 
 def _is_tmpfs(path: str, mounts: str = "/proc/self/mounts") -> bool:
@@ -56,13 +56,6 @@ def default_base(shm: str = _SHM) -> str:
 def _free_bytes(path: str) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
-
-
-def socket_dir(prefix: str) -> str:
-    """A new directory for a unix socket (and whatever goes with it): in the temporary directory (the run's,
-    while one is open) when its path is short enough for sun_path, else under /tmp. The caller removes it."""
-    base = tempfile.gettempdir()
-    return tempfile.mkdtemp(prefix=prefix, dir=base if len(base) <= _SOCKET_BASE_MAX else "/tmp")
 
 
 def reap_orphans(base: str) -> list[str]:

@@ -5,8 +5,11 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
+
 from conformance import scratch
 from conformance.owners import owner_line
+from reference.socketdirs import SOCKET_BASE_MAX
 
 
 def test_open_redirects_tempfile_and_tmpdir_and_close_removes_everything(tmp_path, monkeypatch):
@@ -98,7 +101,7 @@ def test_socket_directories_are_in_the_run_when_its_path_is_short_and_under_tmp_
     short = tmp_path / "s"
     short.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(short))
-    if len(str(short)) <= scratch._SOCKET_BASE_MAX:
+    if len(str(short)) <= SOCKET_BASE_MAX:
         made = scratch.socket_dir("conf-t-")
         assert os.path.dirname(made) == str(short)
         os.rmdir(made)
@@ -110,3 +113,22 @@ def test_socket_directories_are_in_the_run_when_its_path_is_short_and_under_tmp_
         assert os.path.dirname(made) == "/tmp" and len(os.path.join(made, "d.sock")) < 108
     finally:
         os.rmdir(made)
+
+
+@pytest.mark.parametrize("how", ["path-serial", "path-xdist", "pyargs-xdist"])
+def test_a_suite_run_leaves_nothing_in_the_temporary_directory(tmp_path, how):
+    """Also with xdist, whose controller runs no case but makes pytest's base of tmp_path for its workers
+    (it was left in pytest-of-USER)."""
+    import conformance
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    package = os.path.dirname(conformance.__file__)
+    target = (["--pyargs", "conformance.test_client_exports"] if how.startswith("pyargs")
+              else [os.path.join(package, "test_client_exports.py")])
+    workers = ["-n", "2"] if how.endswith("xdist") else []
+    run = subprocess.run([sys.executable, "-m", "pytest", *target, "-k", "merge_mode", *workers, "-q",
+                          "-p", "no:cacheprovider"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TMPDIR": str(tmp)})
+    assert run.returncode == 0 and "2 passed" in run.stdout, run.stdout[:3000] + run.stderr[-2000:]
+    assert sorted(p.name for p in tmp.iterdir()) == []

@@ -14,13 +14,13 @@ import shutil
 import socket
 import stat
 import subprocess
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 
 from ..pb import sshforward_pb2
 from ..processes import stop_process
+from ..socketdirs import socket_dir
 from ..sshagent import AgentFilter, AgentProtocolError
 from ..transport.base import RpcError, RpcStream, StatusCode
 
@@ -107,7 +107,7 @@ class PrivateAgent:
         for tool in (SSH_AGENT, SSH_ADD):
             if not os.access(tool, os.X_OK):
                 raise SSHSpecError(f"{tool} is needed to forward key files (Debian: openssh-client)")
-        self.dir = tempfile.mkdtemp(prefix="ssh-forward-")  # mode 0700
+        self.dir = socket_dir("ssh-forward-")  # mode 0700
         self.socket = os.path.join(self.dir, "agent.sock")
         self.process: subprocess.Popen | None = None
         try:

@@ -19,11 +19,11 @@ import os
 import queue
 import shutil
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Iterable
 
+from ..socketdirs import socket_dir
 from .base import (
     ClientConnection,
     Handler,
@@ -364,7 +364,7 @@ class GrpcioServerConnection(ServerConnection):
         self._threads_lock = threading.Lock()
         self._close_lock = threading.Lock()
         self._closing = False
-        self._tmpdir = tempfile.mkdtemp(prefix="session-grpc-")
+        self._tmpdir = socket_dir("session-grpc-")
         path = os.path.join(self._tmpdir, "server.sock")
         self._executor = ThreadPoolExecutor(max_workers=SERVER_WORKERS, thread_name_prefix="grpcio-server")
         self._server = grpc.server(self._executor, handlers=[_GenericHandler(self)],
@@ -550,7 +550,7 @@ class GrpcioClientConnection(ClientConnection):
         self.closed = threading.Event()
         self._close_lock = threading.Lock()
         self._closing = False
-        self._tmpdir = tempfile.mkdtemp(prefix="session-grpc-")
+        self._tmpdir = socket_dir("session-grpc-")
         path = os.path.join(self._tmpdir, "client.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
