@@ -99,15 +99,13 @@ MARKERS = (
 )
 
 
-@pytest.hookimpl(tryfirst=True)
 @pytest.hookimpl(tryfirst=True)  # before the tmp_path plugin reads --basetemp
 def pytest_configure(config: pytest.Config) -> None:
     for marker in MARKERS:
         config.addinivalue_line("markers", marker)
-    if _names_this_package(config) and config.option.basetemp is None and not hasattr(config, "workerinput"):
-        # tmp_path in the run's directory, not in pytest-of-USER: there the controller of an xdist run made its
-        # workers' base and left it behind, and the cases' unix sockets need short paths.
-        config.option.basetemp = os.path.join(scratch.RUN.open(), "t")
+    if _names_this_package(config):
+        # there the controller of an xdist run, which runs no case, made its workers' base and left it behind
+        scratch.tmp_path_in_run(config)
     config.stash[_RESULTS_KEY] = []
     config.stash[_STARTED_KEY] = (time.time(), time.monotonic())
     _CONFIG[0] = config
@@ -396,6 +394,8 @@ def _names_this_package(config: pytest.Config) -> bool:
         if path == _PACKAGE_DIR or path.startswith(_PACKAGE_DIR + os.sep):
             return True
     return False
+
+
 _CASE_KEY = pytest.StashKey[bool]()
 
 

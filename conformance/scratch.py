@@ -20,8 +20,6 @@ import os
 import shutil
 import tempfile
 
-from reference.socketdirs import socket_dir  # noqa: F401 (the suite's socket directories: in the run's)
-
 from .owners import owner_alive, owner_line
 
 _PREFIX = "conf-run-"
@@ -86,7 +84,7 @@ class RunScratch:
             self.base = self.base or default_base()
             for base in dict.fromkeys((self.base, tempfile.gettempdir())):  # also where an older run may be
                 reap_orphans(base)
-            # Short: the unix sockets of the embedded daemons live below it (socket_dir).
+            # Short: the unix sockets of the embedded daemons live below it (reference.socketdirs).
             self.dir = tempfile.mkdtemp(prefix=_PREFIX, dir=self.base)
             with open(os.path.join(self.dir, _OWNER), "w") as fh:
                 fh.write(owner_line() + "\n")
@@ -105,6 +103,16 @@ class RunScratch:
             os.environ["TMPDIR"] = tmpdir
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir = None
+
+
+def tmp_path_in_run(config) -> None:
+    """Opens the run's directory and, unless ``--basetemp`` was given, puts pytest's tmp_path base in it
+    instead of pytest-of-USER/pytest-N, which pytest keeps: removed with the run, and short for the unix
+    sockets that tests make in tmp_path. Call from pytest_configure before the tmp_path plugin's
+    (tryfirst); xdist workers get the controller's base."""
+    run_dir = RUN.open()
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):
+        config.option.basetemp = os.path.join(run_dir, "t")
 
 
 # The one directory of this process's run (the plugin opens it for conformance cases, the project's own

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 from reference.dockerhost import api_call
 from reference.processes import stop_process
+from reference.socketdirs import socket_dir
 
-from . import peers, scratch
+from . import peers
 from .harness.warm_client import WarmClientLauncher
 from .identify import (
     Identity, family_of, identify_client_from_requests, identify_client_from_version, identify_daemon,
@@ -237,7 +238,7 @@ def start_reference_daemons(specs: list[DaemonSpec], timeout: float = 30.0, *,
     launched = []
     try:
         for spec in specs:
-            root = scratch.socket_dir("conf-d-")
+            root = socket_dir("conf-d-")
             sock = os.path.join(root, "d.sock")
             log_path = os.path.join(root, "daemon.log")
             with open(log_path, "wb") as log:

@@ -37,7 +37,6 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 import zlib
@@ -50,8 +49,7 @@ from hyperframe import frame as h2frame
 from hyperframe.exceptions import HyperframeError
 
 from reference.pb.fsutil_types_pb2 import Stat  # generated from the wire-exact proto/fsutil types
-
-from . import scratch
+from reference.socketdirs import socket_dir
 
 FILESYNC = "/moby.filesync.v1.FileSync/DiffCopy"
 FILESEND = "/moby.filesync.v1.FileSend/DiffCopy"
@@ -547,7 +545,7 @@ class WireTap:
         self.limits = limits
         self._own_dir = None
         if socket_path is None:
-            self._own_dir = scratch.socket_dir("dsc-tap-")
+            self._own_dir = socket_dir("dsc-tap-")
             socket_path = os.path.join(self._own_dir, "tap.sock")
         self.socket_path = socket_path
         self._listener: socket.socket | None = None
@@ -736,7 +734,7 @@ def _describe(transfer: Transfer) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m conformance.wiretap", description=__doc__.splitlines()[0])
     parser.add_argument("--upstream", required=True, help="the daemon's socket (path or unix:// URL)")
-    parser.add_argument("--listen", help="the socket to listen on (default: tap.sock in a new dsc-tap-* directory of the temporary directory)")
+    parser.add_argument("--listen", help="the socket to listen on (default: tap.sock in a new dsc-tap-* temporary directory)")
     parser.add_argument("--json", metavar="FILE", help="write the whole recording here on exit")
     args = parser.parse_args(argv)
     stop = threading.Event()

@@ -1,7 +1,5 @@
 """Shared fixtures. Real peers: one private dockerd 20.10 per test session (per xdist worker)."""
 
-import os
-
 import pytest
 
 from conformance import realpeers, scratch
@@ -13,11 +11,7 @@ _REAL_PEER_FIXTURES = {"dockerd", "docker_cli", "shell_image"}
 def pytest_configure(config):
     # Temporary files of these tests, their daemons and clients go to one directory, removed when the run
     # ends (the conformance plugin closes it).
-    run_dir = scratch.RUN.open()
-    # tmp_path directly in it, not in pytest-of-USER/pytest-N: tests put unix sockets in tmp_path, and sun_path
-    # holds 107 bytes. (xdist gives its workers the controller's basetemp.)
-    if config.option.basetemp is None and not hasattr(config, "workerinput"):
-        config.option.basetemp = os.path.join(run_dir, "t")
+    scratch.tmp_path_in_run(config)
 
 
 def pytest_collection_modifyitems(items):

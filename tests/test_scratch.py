@@ -9,7 +9,7 @@ import pytest
 
 from conformance import scratch
 from conformance.owners import owner_line
-from reference.socketdirs import SOCKET_BASE_MAX
+from reference.socketdirs import SOCKET_BASE_MAX, socket_dir
 
 
 def test_open_redirects_tempfile_and_tmpdir_and_close_removes_everything(tmp_path, monkeypatch):
@@ -102,13 +102,13 @@ def test_socket_directories_are_in_the_run_when_its_path_is_short_and_under_tmp_
     short.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(short))
     if len(str(short)) <= SOCKET_BASE_MAX:
-        made = scratch.socket_dir("conf-t-")
+        made = socket_dir("conf-t-")
         assert os.path.dirname(made) == str(short)
         os.rmdir(made)
     deep = tmp_path / ("d" * 80)
     deep.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(deep))
-    made = scratch.socket_dir("conf-t-")
+    made = socket_dir("conf-t-")
     try:
         assert os.path.dirname(made) == "/tmp" and len(os.path.join(made, "d.sock")) < 108
     finally:

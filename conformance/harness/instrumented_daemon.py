@@ -17,7 +17,6 @@ import os
 import secrets
 import shutil
 import socket
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,9 +26,8 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 
 from reference import metadata as md_escaping
+from reference.socketdirs import socket_dir
 from reference.transport.base import ClientConnection
-
-from .. import scratch
 
 API_VERSION = "1.41"
 #: What dockerd 26.1 (generation n+1) adds to every FileSend call: the index of the exporter (one output: 0).
@@ -135,7 +133,7 @@ class InstrumentedDaemon:
         # the daemon generation to play (the client's): n+1 sends metadata the way dockerd 26.1 does
         self.generation = generation
         self.session_wait = session_wait
-        self.dir = scratch.socket_dir("conf-fd-")
+        self.dir = socket_dir("conf-fd-")
         self.socket_path = os.path.join(self.dir, "d.sock")
         self.host = f"unix://{self.socket_path}"
         self.sessions: dict[str, SessionRecord] = {}

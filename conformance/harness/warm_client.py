@@ -32,8 +32,7 @@ import time
 from dataclasses import dataclass
 
 from reference.processes import stop_process
-
-from .. import scratch
+from reference.socketdirs import socket_dir
 
 CLIENT_MODULE = "reference.client"
 # What the client imports lazily on its way through a build, by transport and feature: imported once in the
@@ -79,7 +78,7 @@ class WarmClientLauncher:
 
     def _start_locked(self) -> str:
         """The server's socket path, with a server starting or running behind it."""
-        self._dir = self._dir or scratch.socket_dir("conf-warm-")
+        self._dir = self._dir or socket_dir("conf-warm-")
         address = os.path.join(self._dir, "launcher.sock")
         if self._server is None or self._server.poll() is not None:
             if os.path.exists(address):
