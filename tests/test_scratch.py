@@ -1,6 +1,7 @@
 """conformance.scratch: the per-run temporary directory and the reaping of killed runs' directories."""
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -66,12 +67,9 @@ def test_the_run_goes_to_a_roomy_tmpfs_unless_tmpdir_says_otherwise(tmp_path, mo
     monkeypatch.setattr(scratch, "_free_bytes", lambda path: 64 << 20)  # a container's default /dev/shm
     assert scratch.default_base(str(shm)) == tempfile.gettempdir(), "too small: the usual directory"
     monkeypatch.setattr(scratch, "_free_bytes", lambda path: 4 << 30)
-    shm.chmod(0o500)
-    try:
-        if os.geteuid() != 0:  # root may write anyway
-            assert scratch.default_base(str(shm)) == tempfile.gettempdir(), "not writable: the usual directory"
-    finally:
-        shm.chmod(0o700)
+    with monkeypatch.context() as not_writable:  # by access(2), not by mode bits, which root passes anyway
+        not_writable.setattr(scratch.os, "access", lambda path, mode: path != str(shm))
+        assert scratch.default_base(str(shm)) == tempfile.gettempdir(), "not writable: the usual directory"
     assert scratch.default_base(str(tmp_path / "absent")) == tempfile.gettempdir()
     chosen = tmp_path / "chosen"
     chosen.mkdir()
@@ -97,14 +95,15 @@ def test_orphans_are_reaped_in_the_usual_directory_too_when_the_run_goes_elsewhe
         run.close()
 
 
-def test_socket_directories_are_in_the_run_when_its_path_is_short_and_under_tmp_otherwise(tmp_path, monkeypatch):
-    short = tmp_path / "s"
-    short.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(short))
-    if len(str(short)) <= SOCKET_BASE_MAX:
+def test_socket_directories_go_in_a_short_temporary_directory_and_under_tmp_otherwise(tmp_path, monkeypatch):
+    short = tempfile.mkdtemp(prefix="s-", dir="/tmp")
+    assert len(short) <= SOCKET_BASE_MAX
+    try:
+        monkeypatch.setattr(tempfile, "tempdir", short)
         made = socket_dir("conf-t-")
-        assert os.path.dirname(made) == str(short)
-        os.rmdir(made)
+        assert os.path.dirname(made) == short
+    finally:
+        shutil.rmtree(short)
     deep = tmp_path / ("d" * 80)
     deep.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(deep))
